@@ -1,0 +1,336 @@
+"""Chapter 02: Llama 2 in PyTorch, with a KV cache, and the checkpoints users already have.
+
+    from babyllama.model import ModelArgs, Transformer, PRESETS
+    model = Transformer(PRESETS["stories260K"])
+    logits, loss = model(tokens, targets)               # training
+    ids = model.generate([1, 403], max_new_tokens=50)   # KV-cached decoding
+    model.save_pretrained("out/hf")                     # Hugging Face layout
+    model = Transformer.from_pretrained("out/hf")       # ours, Hugging Face's or Meta's
+
+Names follow Meta's reference code and llama2.c (tok_embeddings, attention.wq, feed_forward.w1,
+freqs_cos, ...), so each weight has the same name here, in the exported files and in the C code.
+Rotary embeddings rotate interleaved pairs (x0, x1), (x2, x3), ... as Meta and llama2.c do;
+Hugging Face rotates the two halves of each head instead, so wq and wk are permuted on the way
+in and out.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class ModelArgs:
+    dim: int = 288
+    n_layers: int = 6
+    n_heads: int = 6
+    n_kv_heads: int | None = None       # None: as many as n_heads (no grouped-query attention)
+    vocab_size: int = 32000
+    hidden_dim: int | None = None       # None: the multiple_of rule below
+    multiple_of: int = 32
+    norm_eps: float = 1e-5
+    max_seq_len: int = 256
+    dropout: float = 0.0
+    rope_theta: float = 10000.0
+
+    def __post_init__(self):
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.hidden_dim is None:   # SwiGLU has 3 matrices: 2/3 of 4*dim keeps the FLOPs of 2
+            hidden = int(2 * 4 * self.dim / 3)
+            self.hidden_dim = self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim",
+                     "max_seq_len"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"ModelArgs.{name} must be positive, got {getattr(self, name)}")
+        if self.dim % self.n_heads:
+            raise ValueError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads "
+                             f"{self.n_kv_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim {self.head_dim} must be even for rotary embeddings")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelArgs:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+PRESETS = {
+    "book": ModelArgs(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=512,
+                      max_seq_len=256, multiple_of=32),
+    "stories260K": ModelArgs(dim=64, n_layers=5, n_heads=8, n_kv_heads=4, vocab_size=512,
+                             max_seq_len=512, multiple_of=4),
+    "stories15M": ModelArgs(dim=288, n_layers=6, n_heads=6, vocab_size=32000, max_seq_len=256),
+    "stories42M": ModelArgs(dim=512, n_layers=8, n_heads=8, vocab_size=32000, max_seq_len=1024),
+    "stories110M": ModelArgs(dim=768, n_layers=12, n_heads=12, vocab_size=32000,
+                             max_seq_len=1024),
+    "llama2-7b": ModelArgs(dim=4096, n_layers=32, n_heads=32, vocab_size=32000, max_seq_len=4096,
+                           multiple_of=256),
+}
+
+
+def count_params(args: ModelArgs, shared_classifier: bool = True) -> int:
+    """Parameters of a model with `args`, from the shapes alone (no allocation)."""
+    kv_dim = args.n_kv_heads * args.head_dim
+    per_layer = (2 * args.dim * args.dim + 2 * args.dim * kv_dim      # wq wo, wk wv
+                 + 3 * args.dim * args.hidden_dim + 2 * args.dim)     # w1 w2 w3, two norms
+    emb = args.vocab_size * args.dim
+    return emb * (1 if shared_classifier else 2) + args.n_layers * per_layer + args.dim
+
+
+# ----------------------------------------------------------------------------------------------
+# the blocks
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))   # (dim,)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        out = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return out.type_as(x) * self.weight
+
+
+def precompute_freqs_cis(head_dim: int, end: int, theta: float = 10000.0
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotation angles pos * theta^(-2i/head_dim): each (end, head_dim/2)."""
+    freqs = 1.0 / theta ** (torch.arange(0, head_dim, 2)[: head_dim // 2].float() / head_dim)
+    angles = torch.outer(torch.arange(end).float(), freqs)
+    return torch.cos(angles), torch.sin(angles)
+
+
+def apply_rotary_emb(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor
+                     ) -> torch.Tensor:
+    """Rotate each interleaved pair (x[2i], x[2i+1]) of x (B, T, H, head_dim) by its angle."""
+    xr, xi = x.float().reshape(*x.shape[:-1], -1, 2).unbind(-1)
+    cos, sin = freqs_cos[None, :, None, :], freqs_sin[None, :, None, :]
+    out = torch.stack([xr * cos - xi * sin, xr * sin + xi * cos], dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """(B, T, n_kv_heads, hd) -> (B, T, n_kv_heads * n_rep, hd): share each KV head."""
+    return x if n_rep == 1 else torch.repeat_interleave(x, n_rep, dim=2)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.n_rep = args.n_heads // args.n_kv_heads
+        kv_dim = args.n_kv_heads * args.head_dim
+        self.wq = nn.Linear(args.dim, args.dim, bias=False)   # (dim, dim)
+        self.wk = nn.Linear(args.dim, kv_dim, bias=False)     # (kv_dim, dim)
+        self.wv = nn.Linear(args.dim, kv_dim, bias=False)     # (kv_dim, dim)
+        self.wo = nn.Linear(args.dim, args.dim, bias=False)   # (dim, dim)
+        self.dropout = args.dropout
+        self.use_sdpa = True
+        self.cache_k: torch.Tensor | None = None   # (B, max_seq_len, n_kv_heads, head_dim)
+        self.cache_v: torch.Tensor | None = None
+
+    def forward(self, x, freqs_cos, freqs_sin, start_pos: int = 0, use_cache: bool = False):
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        q = apply_rotary_emb(q, freqs_cos, freqs_sin)
+        k = apply_rotary_emb(k, freqs_cos, freqs_sin)
+        if use_cache:   # keep k, v of every position seen so far; attend over all of them
+            self.cache_k[:B, start_pos:start_pos + T] = k
+            self.cache_v[:B, start_pos:start_pos + T] = v
+            k = self.cache_k[:B, :start_pos + T]
+            v = self.cache_v[:B, :start_pos + T]
+        k, v = repeat_kv(k, self.n_rep), repeat_kv(v, self.n_rep)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)   # (B, H, T, hd)
+        # query t (absolute position start_pos + t) sees keys 0 .. start_pos + t
+        S = k.shape[2]
+        mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
+        p = self.dropout if self.training else 0.0
+        if self.use_sdpa and S == T:   # plain causal: the fused kernel builds the mask itself
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+        elif self.use_sdpa:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        else:
+            out = attention_explicit(q, k, v, mask, p, self.training)
+        return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+
+
+def attention_explicit(q, k, v, mask, dropout_p: float = 0.0, training: bool = False):
+    """softmax(q k^T / sqrt(hd) + mask) v, written out: the reference for the fused kernel."""
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+    scores = scores.masked_fill(~mask, float("-inf"))
+    att = F.dropout(F.softmax(scores.float(), dim=-1).type_as(q), dropout_p, training)
+    return att @ v
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int, dropout: float):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)   # (hidden_dim, dim) gate
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)   # (dim, hidden_dim) down
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)   # (hidden_dim, dim) up
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):   # SwiGLU: w2(silu(w1 x) * w3 x)
+        return self.dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args.dim, args.hidden_dim, args.dropout)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)   # (dim,)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)         # (dim,)
+        self.resid_dropout = nn.Dropout(args.dropout)
+
+    def forward(self, x, freqs_cos, freqs_sin, start_pos=0, use_cache=False):
+        a = self.attention(self.attention_norm(x), freqs_cos, freqs_sin, start_pos, use_cache)
+        h = x + self.resid_dropout(a)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.params = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)   # (vocab_size, dim)
+        self.dropout = nn.Dropout(args.dropout)
+        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)                     # (dim,)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)  # (vocab_size, dim)
+        self.output.weight = self.tok_embeddings.weight   # tied: one matrix, two roles
+        freqs_cos, freqs_sin = precompute_freqs_cis(args.head_dim, args.max_seq_len,
+                                                    args.rope_theta)
+        self.register_buffer("freqs_cos", freqs_cos, persistent=False)
+        self.register_buffer("freqs_sin", freqs_sin, persistent=False)
+        self.apply(self._init_weights)
+        # residual projections get a smaller init: n_layers of them add up on the residual
+        for name, p in self.named_parameters():
+            if name.endswith(("w3.weight", "wo.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * args.n_layers))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    @property
+    def shared_classifier(self) -> bool:
+        return self.output.weight is self.tok_embeddings.weight
+
+    def set_sdpa(self, on: bool) -> None:
+        for layer in self.layers:
+            layer.attention.use_sdpa = on
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None,
+                start_pos: int = 0, use_cache: bool = False):
+        """tokens (B, T) -> (logits (B, T, vocab), loss or None). With `use_cache`, tokens sit
+        at positions start_pos .. start_pos + T - 1 and attend to the cached keys before them."""
+        B, T = tokens.shape
+        if start_pos + T > self.params.max_seq_len:
+            raise ValueError(f"sequence of {start_pos + T} tokens is longer than max_seq_len "
+                             f"{self.params.max_seq_len}")
+        if use_cache:
+            self._ensure_cache(B, tokens.device)
+        h = self.dropout(self.tok_embeddings(tokens))
+        cos = self.freqs_cos[start_pos:start_pos + T]
+        sin = self.freqs_sin[start_pos:start_pos + T]
+        for layer in self.layers:
+            h = layer(h, cos, sin, start_pos, use_cache)
+        h = self.norm(h)
+        if targets is None:
+            return self.output(h), None
+        logits = self.output(h)
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
+                               ignore_index=-1)
+        return logits, loss
+
+    def _ensure_cache(self, batch: int, device) -> None:
+        a = self.params
+        for layer in self.layers:
+            att = layer.attention
+            if att.cache_k is None or att.cache_k.shape[0] < batch:
+                shape = (batch, a.max_seq_len, a.n_kv_heads, a.head_dim)
+                dtype = self.tok_embeddings.weight.dtype
+                att.cache_k = torch.zeros(shape, dtype=dtype, device=device)
+                att.cache_v = torch.zeros(shape, dtype=dtype, device=device)
+
+    def reset_cache(self) -> None:
+        for layer in self.layers:
+            layer.attention.cache_k = layer.attention.cache_v = None
+
+    @torch.inference_mode()
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None,
+                 seed: int | None = None) -> list[int]:
+        """Sample up to `max_new_tokens` after the prompt with the KV cache; stops at BOS/EOS."""
+        if not prompt_ids:
+            raise ValueError("generate needs at least one prompt token (e.g. BOS = 1)")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if top_p is not None and not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        self.reset_cache()
+        device = self.tok_embeddings.weight.device
+        x = torch.tensor([prompt_ids], device=device)
+        logits, _ = self(x, start_pos=0, use_cache=True)
+        pos, out = len(prompt_ids), []
+        for _ in range(max_new_tokens):
+            nxt = _sample(logits[0, -1].float(), temperature, top_k, top_p, gen)
+            if nxt in (1, 2) or pos >= self.params.max_seq_len:
+                break
+            out.append(nxt)
+            logits, _ = self(torch.tensor([[nxt]], device=device), start_pos=pos, use_cache=True)
+            pos += 1
+        self.reset_cache()
+        return out
+
+    # ------------------------------------------------------------------------------------------
+    # checkpoints: ours, Hugging Face's, Meta's
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> Transformer:
+        from babyllama import checkpoints
+
+        return checkpoints.load(cls, Path(path))
+
+    def save_pretrained(self, out_dir: str | Path) -> Path:
+        from babyllama import checkpoints
+
+        return checkpoints.save_hf(self, Path(out_dir))
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_k, top_p, gen) -> int:
+    if temperature == 0:
+        return int(torch.argmax(logits))
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = F.softmax(logits, dim=-1)
+    if top_p is not None and top_p < 1:
+        sorted_p, idx = torch.sort(probs, descending=True)
+        keep = torch.cumsum(sorted_p, 0) - sorted_p < top_p   # the smallest set reaching top_p
+        sorted_p = sorted_p * keep
+        return int(idx[torch.multinomial(sorted_p / sorted_p.sum(), 1, generator=gen)])
+    return int(torch.multinomial(probs, 1, generator=gen))
+
