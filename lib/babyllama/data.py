@@ -187,7 +187,7 @@ def shard_dir(data: str, vocab_size: int, data_dir: str | Path = DATA_DIR) -> Pa
 
 
 def _encode_shard(args: tuple[str, list[str], str]) -> int:
-    import sentencepiece as spm   # in the worker process
+    import sentencepiece as spm  # in the worker process
 
     model_path, texts, out = args
     sp = spm.SentencePieceProcessor(model_file=model_path)

@@ -1,0 +1,70 @@
+/* babyllama.h: the C inference library of chapter 06 (libbabyllama).
+ *
+ * Loads llama2.c model files (v0 fp32, v1 fp32, v2 int8 Q8_0) by mmap after validating them,
+ * runs the forward pass with a KV cache, samples exactly as run.c (and our NumPy engine) do,
+ * and encodes/decodes text with a tokenizer.bin. No global state; nothing here prints or exits:
+ * every entry point returns BL_OK or an error code, with a message in the object or buffer.
+ */
+#ifndef BABYLLAMA_H
+#define BABYLLAMA_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+enum {
+    BL_OK = 0,
+    BL_ERR_IO = 1,       /* cannot open, stat or map a file */
+    BL_ERR_FORMAT = 2,   /* the file is not what its header says */
+    BL_ERR_ARG = 3,      /* an argument is out of range */
+    BL_ERR_NOMEM = 4,    /* allocation failed */
+    BL_ERR_STOPPED = 5,  /* a callback asked to stop */
+};
+
+typedef struct bl_model bl_model;
+typedef struct bl_tokenizer bl_tokenizer;
+
+/* config[0..9]: dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, seq_len,
+ * version, group_size (0 unless v2), shared_classifier */
+enum { BL_CONFIG_LEN = 10 };
+
+int bl_model_open(const char *path, int threads, bl_model **out, char *err, size_t errlen);
+void bl_model_close(bl_model *m);
+int bl_model_config(const bl_model *m, int32_t *config);
+const char *bl_model_error(const bl_model *m);
+int bl_set_threads(bl_model *m, int threads);
+int bl_reset(bl_model *m);
+/* logits of `token` at `pos` into out[vocab_size]; fills the KV cache at pos */
+int bl_forward(bl_model *m, int token, int pos, float *out);
+
+/* run.c's sampler: argmax at temperature 0, else softmax(logits / temperature) sampled with
+ * top-p (0 < topp < 1) or from the full distribution (topp >= 1); xorshift64* state */
+uint32_t bl_random_u32(uint64_t *state);
+float bl_random_f32(uint64_t *state);
+int bl_sample(bl_model *m, const float *logits, float temperature, float topp,
+              uint64_t *rng_state, int *token);
+
+/* generation: `steps` positions in all (prompt included, clamped to seq_len); calls
+ * cb(token, user) for each new token; stops at BOS/EOS or when cb returns nonzero */
+typedef int (*bl_token_cb)(int token, void *user);
+int bl_generate(bl_model *m, const int *prompt, int n_prompt, int steps, float temperature,
+                float topp, uint64_t seed, bl_token_cb cb, void *user, int *n_generated);
+
+int bl_tokenizer_open(const char *path, int vocab_size, bl_tokenizer **out, char *err,
+                      size_t errlen);
+void bl_tokenizer_close(bl_tokenizer *t);
+const char *bl_tokenizer_error(const bl_tokenizer *t);
+int bl_tokenizer_vocab_size(const bl_tokenizer *t);
+/* text is NUL-terminated UTF-8; writes at most max_tokens ids */
+int bl_encode(bl_tokenizer *t, const char *text, int bos, int eos, int *tokens, int max_tokens,
+              int *n_tokens);
+/* the bytes token `token` stands for after `prev` (not NUL-terminated when a raw byte) */
+int bl_decode(const bl_tokenizer *t, int prev, int token, const char **piece, size_t *len);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

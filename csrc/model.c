@@ -1,0 +1,522 @@
+/* model.c: load a llama2.c model file (v0/v1/v2) by mmap, validate it, run the forward pass.
+ *
+ * The forward pass is llama2.c's run.c (fp32) and runq.c (Q8_0) with the same names: rmsnorm,
+ * wq/wk/wv/wo, freqs from the RoPE formula, grouped-query attention over the KV cache, SwiGLU
+ * with w1/w2/w3, and the classifier. Every size is checked against the file before a pointer is
+ * taken, so a truncated or corrupted file gives an error, never a read past the mapping.
+ */
+#define _POSIX_C_SOURCE 200809L
+#include "babyllama.h"
+#include "kernels.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#define MAGIC 0x616b3432u
+#define HEADER_V1 256
+#define MAX_DIM (1 << 20)
+
+typedef struct {
+    float prob;
+    int index;
+} ProbIndex;
+
+typedef struct {
+    int dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, seq_len;
+    int version, group_size, shared;
+} Config;
+
+/* a weight matrix: fp32 (f) or Q8_0 (q) */
+typedef struct {
+    const float *f;
+    bl_qtensor q;
+} Mat;
+
+typedef struct {
+    const float *attention_norm, *ffn_norm;   /* (dim,) each */
+    Mat wq, wk, wv, wo;                       /* (dim, dim), (kv_dim, dim) x2, (dim, dim) */
+    Mat w1, w2, w3;                           /* (hidden_dim, dim), (dim, hidden_dim), (hidden_dim, dim) */
+} Layer;
+
+struct bl_model {
+    Config c;
+    int threads;
+    void *map;
+    size_t map_size;
+    float *tok_embeddings;   /* (vocab_size, dim): the mapping, or a dequantized copy for v2 */
+    int owns_embeddings;
+    Layer *layers;
+    const float *norm;       /* (dim,) */
+    Mat output;              /* (vocab_size, dim) */
+    /* state */
+    float *x, *xb, *xb2, *hb, *hb2, *q, *logits;         /* activations */
+    double *att, *acc;                                   /* attention scores, outputs */
+    int8_t *xq_q;
+    float *xq_s;                                         /* quantized activation (v2) */
+    float *key_cache, *value_cache;                      /* (n_layers, seq_len, kv_dim) */
+    ProbIndex *probindex;                                /* sampler scratch (vocab_size) */
+    float *probs;
+    char err[512];
+};
+
+static int fail(char *err, size_t len, int code, const char *fmt, ...) {
+    if (err && len) {
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(err, len, fmt, ap);
+        va_end(ap);
+    }
+    return code;
+}
+
+const char *bl_model_error(const bl_model *m) { return m ? m->err : "no model"; }
+
+int bl_model_config(const bl_model *m, int32_t *out) {
+    if (!m || !out) return BL_ERR_ARG;
+    const Config *c = &m->c;
+    int32_t v[BL_CONFIG_LEN] = {c->dim, c->hidden_dim, c->n_layers, c->n_heads, c->n_kv_heads,
+                                c->vocab_size, c->seq_len, c->version, c->group_size, c->shared};
+    memcpy(out, v, sizeof v);
+    return BL_OK;
+}
+
+int bl_set_threads(bl_model *m, int threads) {
+    if (!m || threads < 1) return BL_ERR_ARG;
+    m->threads = threads;
+    return BL_OK;
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* the header, checked field by field; then the payload size against the file size */
+
+static int parse_header(const unsigned char *p, size_t size, Config *c, size_t *header,
+                        char *err, size_t errlen) {
+    int32_t h[7];
+    uint32_t magic = 0;
+    if (size < 28) return fail(err, errlen, BL_ERR_FORMAT, "truncated: %zu bytes, a header needs at least 28", size);
+    memcpy(&magic, p, 4);
+    if (magic == MAGIC) {
+        if (size < HEADER_V1) return fail(err, errlen, BL_ERR_FORMAT, "truncated header: %zu bytes, expected %d", size, HEADER_V1);
+        memcpy(&c->version, p + 4, 4);
+        if (c->version != 1 && c->version != 2)
+            return fail(err, errlen, BL_ERR_FORMAT, "offset 4: unsupported version %d, expected 1 or 2", c->version);
+        memcpy(h, p + 8, sizeof h);
+        c->shared = p[36];
+        if (c->shared > 1) return fail(err, errlen, BL_ERR_FORMAT, "offset 36: shared-classifier flag %d, expected 0 or 1", c->shared);
+        c->group_size = 0;
+        if (c->version == 2) memcpy(&c->group_size, p + 37, 4);
+        *header = HEADER_V1;
+    } else {
+        memcpy(h, p, sizeof h);
+        c->version = 0;
+        c->group_size = 0;
+        c->shared = h[5] > 0;
+        if (h[5] < 0 && h[5] != INT32_MIN) h[5] = -h[5];
+        *header = 28;
+    }
+    static const char *names[7] = {"dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "seq_len"};
+    for (int i = 0; i < 7; i++)
+        if (h[i] <= 0 || h[i] > MAX_DIM)
+            return fail(err, errlen, BL_ERR_FORMAT, "offset %d: %s = %d is not a plausible value",
+                        (c->version ? 8 : 0) + 4 * i, names[i], h[i]);
+    c->dim = h[0]; c->hidden_dim = h[1]; c->n_layers = h[2]; c->n_heads = h[3];
+    c->n_kv_heads = h[4]; c->vocab_size = h[5]; c->seq_len = h[6];
+    if (c->dim % c->n_heads || c->n_heads % c->n_kv_heads || (c->dim / c->n_heads) % 2)
+        return fail(err, errlen, BL_ERR_FORMAT, "inconsistent header: dim %d, n_heads %d, n_kv_heads %d",
+                    c->dim, c->n_heads, c->n_kv_heads);
+    if (c->version == 2 && (c->group_size <= 0 || c->dim % c->group_size || c->hidden_dim % c->group_size))
+        return fail(err, errlen, BL_ERR_FORMAT, "offset 37: group size %d does not divide dim %d and hidden_dim %d",
+                    c->group_size, c->dim, c->hidden_dim);
+    return BL_OK;
+}
+
+/* bytes of a matrix of n values in this file's format */
+static size_t mat_bytes(const Config *c, size_t n) {
+    return c->version == 2 ? n + 4 * (n / (size_t)c->group_size) : 4 * n;
+}
+
+static size_t payload_size(const Config *c) {
+    size_t L = c->n_layers, dim = c->dim, hd = c->dim / c->n_heads, kv = c->n_kv_heads * hd;
+    size_t hid = c->hidden_dim, V = c->vocab_size;
+    size_t norms = 4 * (2 * L * dim + dim);
+    size_t mats = L * (mat_bytes(c, dim * dim) * 2 + mat_bytes(c, kv * dim) * 2 + mat_bytes(c, hid * dim) * 3);
+    size_t emb = mat_bytes(c, V * dim) * (c->shared ? 1 : 2);
+    size_t rope = c->version == 0 ? 2 * 4 * (size_t)c->seq_len * (hd / 2) : 0;
+    return norms + mats + emb + rope;
+}
+
+/* take the next tensor of n values from the mapping */
+static void take_f32(const unsigned char **p, const float **dst, size_t n) {
+    *dst = (const float *)*p;
+    *p += 4 * n;
+}
+
+static void take_mat(const Config *c, const unsigned char **p, Mat *m, size_t n) {
+    if (c->version == 2) {
+        m->q.q = (const int8_t *)*p;
+        m->q.s = (const float *)(*p + n);
+        m->f = NULL;
+        *p += n + 4 * (n / c->group_size);
+    } else {
+        take_f32(p, &m->f, n);
+    }
+}
+
+static int map_weights(bl_model *m) {
+    const Config *c = &m->c;
+    size_t L = c->n_layers, dim = c->dim, hd = dim / c->n_heads, kv = c->n_kv_heads * hd;
+    size_t hid = c->hidden_dim, V = c->vocab_size;
+    const unsigned char *p = (const unsigned char *)m->map + (c->version ? HEADER_V1 : 28);
+    Mat emb = {0};
+    m->layers = calloc(L, sizeof(Layer));
+    if (!m->layers) return fail(m->err, sizeof m->err, BL_ERR_NOMEM, "out of memory");
+    if (c->version == 0) {   /* run.c's order: embeddings, then each kind for all layers */
+        take_mat(c, &p, &emb, V * dim);
+        for (size_t l = 0; l < L; l++) take_f32(&p, &m->layers[l].attention_norm, dim);
+    } else {
+        for (size_t l = 0; l < L; l++) take_f32(&p, &m->layers[l].attention_norm, dim);
+        for (size_t l = 0; l < L; l++) take_f32(&p, &m->layers[l].ffn_norm, dim);
+        take_f32(&p, &m->norm, dim);
+        take_mat(c, &p, &emb, V * dim);
+    }
+    for (size_t l = 0; l < L; l++) take_mat(c, &p, &m->layers[l].wq, dim * dim);
+    for (size_t l = 0; l < L; l++) take_mat(c, &p, &m->layers[l].wk, kv * dim);
+    for (size_t l = 0; l < L; l++) take_mat(c, &p, &m->layers[l].wv, kv * dim);
+    for (size_t l = 0; l < L; l++) take_mat(c, &p, &m->layers[l].wo, dim * dim);
+    if (c->version == 0)
+        for (size_t l = 0; l < L; l++) take_f32(&p, &m->layers[l].ffn_norm, dim);
+    for (size_t l = 0; l < L; l++) take_mat(c, &p, &m->layers[l].w1, hid * dim);
+    for (size_t l = 0; l < L; l++) take_mat(c, &p, &m->layers[l].w2, dim * hid);
+    for (size_t l = 0; l < L; l++) take_mat(c, &p, &m->layers[l].w3, hid * dim);
+    if (c->version == 0) {
+        take_f32(&p, &m->norm, dim);
+        p += 2 * 4 * (size_t)c->seq_len * (hd / 2);   /* the unused RoPE tables */
+    }
+    if (c->shared) m->output = emb;
+    else take_mat(c, &p, &m->output, V * dim);
+    if (c->version == 2) {   /* runq.c keeps an fp32 copy of the embeddings to look rows up */
+        m->tok_embeddings = malloc(V * dim * sizeof(float));
+        if (!m->tok_embeddings) return fail(m->err, sizeof m->err, BL_ERR_NOMEM, "out of memory");
+        m->owns_embeddings = 1;
+        size_t gs = c->group_size;
+        for (size_t i = 0; i < V * dim; i++) m->tok_embeddings[i] = emb.q.q[i] * emb.q.s[i / gs];
+    } else {
+        m->tok_embeddings = (float *)emb.f;
+    }
+    return BL_OK;
+}
+
+static int alloc_state(bl_model *m) {
+    const Config *c = &m->c;
+    size_t kv = (size_t)c->n_kv_heads * (c->dim / c->n_heads);
+    size_t big = c->hidden_dim > c->dim ? c->hidden_dim : c->dim;
+    m->x = calloc(c->dim, sizeof(float));
+    m->xb = calloc(c->dim, sizeof(float));
+    m->xb2 = calloc(c->dim, sizeof(float));
+    m->hb = calloc(c->hidden_dim, sizeof(float));
+    m->hb2 = calloc(c->hidden_dim, sizeof(float));
+    m->q = calloc(c->dim, sizeof(float));
+    size_t natt = (size_t)c->n_heads * c->seq_len;
+    m->att = calloc(natt > (size_t)c->vocab_size ? natt : (size_t)c->vocab_size, sizeof(double));
+    m->acc = calloc(c->dim, sizeof(double));
+    m->logits = calloc(c->vocab_size, sizeof(float));
+    m->xq_q = calloc(big, 1);
+    m->xq_s = calloc(big, sizeof(float));
+    m->key_cache = calloc((size_t)c->n_layers * c->seq_len * kv, sizeof(float));
+    m->value_cache = calloc((size_t)c->n_layers * c->seq_len * kv, sizeof(float));
+    m->probindex = calloc(c->vocab_size, sizeof(ProbIndex));
+    m->probs = calloc(c->vocab_size, sizeof(float));
+    if (!m->x || !m->xb || !m->xb2 || !m->hb || !m->hb2 || !m->q || !m->att || !m->acc || !m->logits ||
+        !m->xq_q || !m->xq_s || !m->key_cache || !m->value_cache || !m->probindex || !m->probs)
+        return fail(m->err, sizeof m->err, BL_ERR_NOMEM, "out of memory for the KV cache and activations");
+    return BL_OK;
+}
+
+int bl_model_open(const char *path, int threads, bl_model **out, char *err, size_t errlen) {
+    if (!path || !out) return fail(err, errlen, BL_ERR_ARG, "null argument");
+    *out = NULL;
+    int fd = open(path, O_RDONLY);
+    if (fd < 0) return fail(err, errlen, BL_ERR_IO, "%s: cannot open: %s", path, strerror(errno));
+    struct stat st;
+    if (fstat(fd, &st) != 0) {
+        close(fd);
+        return fail(err, errlen, BL_ERR_IO, "%s: cannot stat: %s", path, strerror(errno));
+    }
+    size_t size = (size_t)st.st_size;
+    unsigned char head[HEADER_V1] = {0};
+    ssize_t got = pread(fd, head, sizeof head, 0);
+    Config c;
+    size_t header = 0;
+    char msg[400];
+    int rc = parse_header(head, got < 0 ? 0 : (size_t)got, &c, &header, msg, sizeof msg);
+    if (rc == BL_OK) {
+        size_t want = header + payload_size(&c);
+        if (want != size)
+            rc = fail(msg, sizeof msg, BL_ERR_FORMAT, "the header describes a %zu-byte file (v%d), but the file has %zu bytes%s",
+                      want, c.version, size, size < want ? " (truncated?)" : "");
+    }
+    if (rc != BL_OK) {
+        close(fd);
+        return fail(err, errlen, rc, "%s: %s", path, msg);
+    }
+    void *map = mmap(NULL, size, PROT_READ, MAP_PRIVATE, fd, 0);
+    close(fd);
+    if (map == MAP_FAILED) return fail(err, errlen, BL_ERR_IO, "%s: mmap failed: %s", path, strerror(errno));
+    bl_model *m = calloc(1, sizeof *m);
+    if (!m) {
+        munmap(map, size);
+        return fail(err, errlen, BL_ERR_NOMEM, "out of memory");
+    }
+    m->c = c;
+    m->map = map;
+    m->map_size = size;
+    m->threads = threads > 0 ? threads : 1;
+    if ((rc = map_weights(m)) != BL_OK || (rc = alloc_state(m)) != BL_OK) {
+        fail(err, errlen, rc, "%s: %s", path, m->err);
+        bl_model_close(m);
+        return rc;
+    }
+    *out = m;
+    return BL_OK;
+}
+
+void bl_model_close(bl_model *m) {
+    if (!m) return;
+    if (m->owns_embeddings) free(m->tok_embeddings);
+    free(m->layers);
+    free(m->x); free(m->xb); free(m->xb2); free(m->hb); free(m->hb2); free(m->q); free(m->att); free(m->acc);
+    free(m->logits); free(m->xq_q); free(m->xq_s); free(m->key_cache); free(m->value_cache);
+    free(m->probindex); free(m->probs);
+    if (m->map) munmap(m->map, m->map_size);
+    free(m);
+}
+
+int bl_reset(bl_model *m) {
+    if (!m) return BL_ERR_ARG;
+    size_t n = (size_t)m->c.n_layers * m->c.seq_len * m->c.n_kv_heads * (m->c.dim / m->c.n_heads);
+    memset(m->key_cache, 0, n * sizeof(float));
+    memset(m->value_cache, 0, n * sizeof(float));
+    return BL_OK;
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* the forward pass */
+
+/* The small ops are computed in double and stored as float: then the NumPy engine, doing the
+ * same in float64, lands on the same float32 values (sums in a different order differ only in
+ * the last bits of a double). For int8 files this matters: a last-bit difference before an
+ * activation is quantized can flip a rounding and move the result by a whole quantization step. */
+static void rmsnorm(float *o, const float *x, const float *weight, int n) {
+    double ss = 0.0;
+    for (int j = 0; j < n; j++) ss += (double)x[j] * x[j];
+    ss = 1.0 / sqrt(ss / n + 1e-5);
+    for (int j = 0; j < n; j++) o[j] = (float)(weight[j] * (ss * x[j]));
+}
+
+/* softmax of x (n,) in double, in place */
+static void softmax_d(double *x, int n) {
+    double max = x[0], sum = 0.0;
+    for (int i = 1; i < n; i++) if (x[i] > max) max = x[i];
+    for (int i = 0; i < n; i++) { x[i] = exp(x[i] - max); sum += x[i]; }
+    for (int i = 0; i < n; i++) x[i] /= sum;
+}
+
+/* xout (d,) = W (d, n) @ x (n,): fp32, or quantize x then Q8_0 */
+static void matmul(bl_model *m, float *xout, const float *x, const Mat *w, int n, int d) {
+    if (w->f) {
+        bl_matmul_f32(xout, x, w->f, n, d, m->threads);
+    } else {
+        bl_quantize(m->xq_q, m->xq_s, x, n, m->c.group_size);
+        bl_qtensor xq = {m->xq_q, m->xq_s};
+        bl_matmul_q80(xout, &xq, &w->q, n, d, m->c.group_size, m->threads);
+    }
+}
+
+int bl_forward(bl_model *m, int token, int pos, float *out) {
+    if (!m) return BL_ERR_ARG;
+    const Config *c = &m->c;
+    if (token < 0 || token >= c->vocab_size)
+        return fail(m->err, sizeof m->err, BL_ERR_ARG, "token id %d outside the vocabulary [0, %d)", token, c->vocab_size);
+    if (pos < 0 || pos >= c->seq_len)
+        return fail(m->err, sizeof m->err, BL_ERR_ARG, "position %d outside the context [0, %d)", pos, c->seq_len);
+    int dim = c->dim, hidden_dim = c->hidden_dim, head_size = dim / c->n_heads;
+    int kv_dim = c->n_kv_heads * head_size, kv_mul = c->n_heads / c->n_kv_heads;
+    float *x = m->x;
+    memcpy(x, m->tok_embeddings + (size_t)token * dim, dim * sizeof(float));
+
+    for (int l = 0; l < c->n_layers; l++) {
+        const Layer *w = &m->layers[l];
+        size_t loff = (size_t)l * c->seq_len * kv_dim;
+        float *k = m->key_cache + loff + (size_t)pos * kv_dim;   /* write k, v straight into the cache */
+        float *v = m->value_cache + loff + (size_t)pos * kv_dim;
+
+        rmsnorm(m->xb, x, w->attention_norm, dim);
+        matmul(m, m->q, m->xb, &w->wq, dim, dim);
+        matmul(m, k, m->xb, &w->wk, dim, kv_dim);
+        matmul(m, v, m->xb, &w->wv, dim, kv_dim);
+
+        /* RoPE: rotate each pair (2i, 2i+1) of every head by pos * 10000^(-2i/head_size) */
+        for (int i = 0; i < dim; i += 2) {
+            int head_dim = i % head_size;
+            double freq = 1.0 / pow(10000.0, head_dim / (double)head_size);
+            double val = pos * freq, fcr = cos(val), fci = sin(val);
+            int rotn = i < kv_dim ? 2 : 1;
+            for (int r = 0; r < rotn; r++) {
+                float *vec = r == 0 ? m->q : k;
+                double v0 = vec[i], v1 = vec[i + 1];
+                vec[i] = (float)(v0 * fcr - v1 * fci);
+                vec[i + 1] = (float)(v0 * fci + v1 * fcr);
+            }
+        }
+
+        /* attention: each query head h reads KV head h / kv_mul at positions 0..pos */
+        int h;
+#pragma omp parallel for private(h) num_threads(m->threads)
+        for (h = 0; h < c->n_heads; h++) {
+            const float *q = m->q + h * head_size;
+            double *att = m->att + (size_t)h * c->seq_len;
+            for (int t = 0; t <= pos; t++) {
+                const float *kt = m->key_cache + loff + (size_t)t * kv_dim + (h / kv_mul) * head_size;
+                double score = 0.0;
+                for (int i = 0; i < head_size; i++) score += (double)q[i] * kt[i];
+                att[t] = score / sqrt((double)head_size);
+            }
+            softmax_d(att, pos + 1);
+            double *acc = m->acc + h * head_size;
+            for (int i = 0; i < head_size; i++) acc[i] = 0.0;
+            for (int t = 0; t <= pos; t++) {
+                const float *vt = m->value_cache + loff + (size_t)t * kv_dim + (h / kv_mul) * head_size;
+                for (int i = 0; i < head_size; i++) acc[i] += att[t] * vt[i];
+            }
+            for (int i = 0; i < head_size; i++) m->xb[h * head_size + i] = (float)acc[i];
+        }
+        matmul(m, m->xb2, m->xb, &w->wo, dim, dim);
+        for (int i = 0; i < dim; i++) x[i] += m->xb2[i];
+
+        /* SwiGLU feed-forward: w2(silu(w1 x) * w3 x) */
+        rmsnorm(m->xb, x, w->ffn_norm, dim);
+        matmul(m, m->hb, m->xb, &w->w1, dim, hidden_dim);
+        matmul(m, m->hb2, m->xb, &w->w3, dim, hidden_dim);
+        for (int i = 0; i < hidden_dim; i++) {
+            double val = m->hb[i];
+            m->hb[i] = (float)(val / (1.0 + exp(-val)) * m->hb2[i]);
+        }
+        matmul(m, m->xb, m->hb, &w->w2, hidden_dim, dim);
+        for (int i = 0; i < dim; i++) x[i] += m->xb[i];
+    }
+    rmsnorm(x, x, m->norm, dim);
+    matmul(m, out ? out : m->logits, x, &m->output, dim, c->vocab_size);
+    return BL_OK;
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* run.c's sampler */
+
+uint32_t bl_random_u32(uint64_t *state) {
+    *state ^= *state >> 12;
+    *state ^= *state << 25;
+    *state ^= *state >> 27;
+    return (uint32_t)((*state * 0x2545F4914F6CDD1Dull) >> 32);
+}
+
+float bl_random_f32(uint64_t *state) { return (bl_random_u32(state) >> 8) / 16777216.0f; }
+
+/* descending probability; ties by lower id, so the order is total and matches NumPy's */
+static int compare_prob(const void *a, const void *b) {
+    const ProbIndex *x = a, *y = b;
+    if (x->prob > y->prob) return -1;
+    if (x->prob < y->prob) return 1;
+    return (x->index > y->index) - (x->index < y->index);
+}
+
+static int sample_topp(const float *probs, int n, float topp, ProbIndex *pi, float coin) {
+    const float cutoff = (1.0f - topp) / (n - 1);   /* below it a token cannot be in the nucleus */
+    int n0 = 0;
+    for (int i = 0; i < n; i++)
+        if (probs[i] >= cutoff) { pi[n0].index = i; pi[n0].prob = probs[i]; n0++; }
+    qsort(pi, n0, sizeof(ProbIndex), compare_prob);
+    float cumulative = 0.0f;
+    int last = n0 - 1;
+    for (int i = 0; i < n0; i++) {
+        cumulative += pi[i].prob;
+        if (cumulative > topp) { last = i; break; }
+    }
+    float r = coin * cumulative, cdf = 0.0f;
+    for (int i = 0; i <= last; i++) {
+        cdf += pi[i].prob;
+        if (r < cdf) return pi[i].index;
+    }
+    return pi[last].index;
+}
+
+int bl_sample(bl_model *m, const float *logits, float temperature, float topp,
+              uint64_t *rng_state, int *token) {
+    if (!m || !logits || !rng_state || !token) return BL_ERR_ARG;
+    int n = m->c.vocab_size;
+    if (!(temperature >= 0.0f)) return fail(m->err, sizeof m->err, BL_ERR_ARG, "temperature must be >= 0, got %g", temperature);
+    if (!(topp > 0.0f && topp <= 1.0f)) return fail(m->err, sizeof m->err, BL_ERR_ARG, "topp must be in (0, 1], got %g", topp);
+    if (temperature == 0.0f) {
+        int best = 0;
+        for (int i = 1; i < n; i++) if (logits[i] > logits[best]) best = i;
+        *token = best;
+        return BL_OK;
+    }
+    double *pd = m->att;   /* scratch of at least vocab_size doubles, see alloc_state */
+    for (int i = 0; i < n; i++) pd[i] = logits[i] / temperature;
+    softmax_d(pd, n);
+    float *probs = m->probs;
+    for (int i = 0; i < n; i++) probs[i] = (float)pd[i];
+    float coin = bl_random_f32(rng_state);
+    if (topp >= 1.0f) {
+        float cdf = 0.0f;
+        *token = n - 1;
+        for (int i = 0; i < n; i++) {
+            cdf += probs[i];
+            if (coin < cdf) { *token = i; break; }
+        }
+    } else {
+        *token = sample_topp(probs, n, topp, m->probindex, coin);
+    }
+    return BL_OK;
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* generation, as run.c's loop (and our NumPy engine's generate) */
+
+int bl_generate(bl_model *m, const int *prompt, int n_prompt, int steps, float temperature,
+                float topp, uint64_t seed, bl_token_cb cb, void *user, int *n_generated) {
+    if (!m || !prompt) return BL_ERR_ARG;
+    const Config *c = &m->c;
+    int count = 0, rc, next;
+    if (n_generated) *n_generated = 0;
+    if (n_prompt < 1) return fail(m->err, sizeof m->err, BL_ERR_ARG, "the prompt needs at least one token (BOS = 1)");
+    if (n_prompt > c->seq_len)
+        return fail(m->err, sizeof m->err, BL_ERR_ARG, "prompt of %d tokens is longer than the context (%d)", n_prompt, c->seq_len);
+    if (seed == 0) return fail(m->err, sizeof m->err, BL_ERR_ARG, "seed must be nonzero (xorshift would repeat 0 forever)");
+    if (!(temperature >= 0.0f)) return fail(m->err, sizeof m->err, BL_ERR_ARG, "temperature must be >= 0, got %g", temperature);
+    if (!(topp > 0.0f && topp <= 1.0f)) return fail(m->err, sizeof m->err, BL_ERR_ARG, "topp must be in (0, 1], got %g", topp);
+    if (steps > c->seq_len) steps = c->seq_len;
+    uint64_t rng = seed;
+    bl_reset(m);
+    if (steps <= n_prompt - 1) return BL_OK;
+    for (int pos = 0; pos < n_prompt; pos++)
+        if ((rc = bl_forward(m, prompt[pos], pos, m->logits)) != BL_OK) return rc;
+    for (int pos = n_prompt;; pos++) {
+        if ((rc = bl_sample(m, m->logits, temperature, topp, &rng, &next)) != BL_OK) return rc;
+        if (next == 1 || next == 2) break;   /* BOS or EOS: the story is over */
+        count++;
+        if (n_generated) *n_generated = count;
+        if (cb && cb(next, user)) return fail(m->err, sizeof m->err, BL_ERR_STOPPED, "stopped by the callback");
+        if (pos >= steps) break;
+        if ((rc = bl_forward(m, next, pos, m->logits)) != BL_OK) return rc;
+    }
+    return BL_OK;
+}

@@ -1,0 +1,269 @@
+"""Chapter 04: llama2.c's model files, byte for byte, and back.
+
+    from babyllama.export import write_model, read_model
+    write_model(model, "out/model.bin", version=0)   # v0: what run.c reads
+    write_model(model, "out/model_q80.bin", version=2)   # v2: int8 Q8_0, what runq.c reads
+    args, w = read_model("out/model.bin")             # memory-mapped NumPy arrays, no torch
+
+    babyllama export out/ckpt.pt out/model.bin --version 0
+
+The three layouts (all little-endian):
+    v0  7 x int32 (dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, seq_len;
+        vocab_size < 0 means an unshared classifier), then fp32: tok_embeddings, attention_norm,
+        wq, wk, wv, wo, ffn_norm, w1, w2, w3, norm, two unused RoPE tables, [output]
+    v1  256-byte header: uint32 magic "ak42", int32 version, the 7 params, uint8 shared flag,
+        zero padding; then fp32: attention_norm, ffn_norm, norm, tok_embeddings, wq, wk, wv, wo,
+        w1, w2, w3, [output]
+    v2  as v1 with version 2 and an int32 group size after the flag; the norms in fp32, then for
+        each matrix of each layer (v1's order): its int8 values, then one fp32 scale per group
+
+`read_model` returns per-layer views named "layers.{l}.wq" etc. For v2 a matrix is int8 and its
+scales sit beside it as "layers.{l}.wq.scale". This module imports torch only to write.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from babyllama.config import ModelArgs
+
+MAGIC = 0x616B3432   # "ak42" read as a little-endian uint32
+HEADER_V1 = 256
+LAYER_MATS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+MAX_DIM = 1 << 20    # sanity bound for header numbers before any arithmetic
+
+
+class ModelFileError(ValueError):
+    pass
+
+
+class Weights(dict):
+    """name -> np.ndarray, plus what the file said about itself."""
+    version: int = 0
+    group_size: int = 0            # Q8_0 group size (v2), 0 otherwise
+    shared_classifier: bool = True
+
+
+def layer_shapes(a: ModelArgs) -> dict[str, tuple[int, ...]]:
+    """Shape of each per-layer tensor, as nn.Linear stores it: (out_features, in_features)."""
+    kv_dim = a.n_kv_heads * a.head_dim
+    return {"attention_norm": (a.dim,), "ffn_norm": (a.dim,),
+            "wq": (a.dim, a.dim), "wk": (kv_dim, a.dim), "wv": (kv_dim, a.dim),
+            "wo": (a.dim, a.dim), "w1": (a.hidden_dim, a.dim), "w2": (a.dim, a.hidden_dim),
+            "w3": (a.hidden_dim, a.dim)}
+
+
+def _tensor_order(version: int, n_layers: int, shared: bool) -> list[str]:
+    """Names in file order. In v2 each matrix is written layer by layer (int8 then scales)."""
+    per = lambda name: [f"layers.{l}.{name}" for l in range(n_layers)]   # noqa: E731
+    mats = [n for m in LAYER_MATS for n in per(m)]
+    tail = [] if shared else ["output"]
+    if version == 0:
+        return (["tok_embeddings", *per("attention_norm"), *mats[:4 * n_layers],
+                 *per("ffn_norm"), *mats[4 * n_layers:], "norm", "freq_cis_real",
+                 "freq_cis_imag", *tail])
+    return [*per("attention_norm"), *per("ffn_norm"), "norm", "tok_embeddings", *mats, *tail]
+
+
+def _shape(name: str, a: ModelArgs) -> tuple[int, ...]:
+    if name in ("tok_embeddings", "output"):
+        return (a.vocab_size, a.dim)
+    if name == "norm":
+        return (a.dim,)
+    if name.startswith("freq_cis"):
+        return (a.max_seq_len, a.head_dim // 2)
+    return layer_shapes(a)[name.rsplit(".", 1)[1]]
+
+
+# ----------------------------------------------------------------------------------------------
+# Q8_0: symmetric int8 in groups, scale = max|w| / 127
+
+def choose_group_size(a: ModelArgs, group_size: int = 64) -> int:
+    """Halve the group size until it divides both dim and hidden_dim (the lengths of the rows
+    every matmul reduces over), so that no group straddles two rows."""
+    while group_size > 1 and (a.dim % group_size or a.hidden_dim % group_size):
+        group_size //= 2
+    return group_size
+
+
+def quantize_q80(w: np.ndarray, group_size: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """(int8 values, fp32 scales, max abs error). Rounds half to even, like llama2.c's export
+    (torch.round); an all-zero group gets scale 0 and zeros rather than a division by zero."""
+    w = np.asarray(w, dtype=np.float32).reshape(-1, group_size)
+    scale = (np.abs(w).max(axis=1) / np.float32(127.0)).astype(np.float32)
+    safe = np.where(scale == 0, np.float32(1.0), scale)
+    q = np.rint(w / safe[:, None]).astype(np.int8)
+    err = float(np.abs(q.astype(np.float32) * scale[:, None] - w).max()) if w.size else 0.0
+    return q.reshape(-1), scale, err
+
+
+def dequantize_q80(q: np.ndarray, scale: np.ndarray, group_size: int) -> np.ndarray:
+    shape = q.shape
+    return (q.reshape(-1, group_size).astype(np.float32) * scale[:, None]).reshape(shape)
+
+
+# ----------------------------------------------------------------------------------------------
+# writing
+
+def weights_from_torch(model) -> tuple[ModelArgs, dict[str, np.ndarray], bool]:
+    """(args, our per-layer names -> fp32 arrays, shared classifier) of a Transformer."""
+    sd = {k: v.detach().float().cpu().numpy() for k, v in model.state_dict().items()}
+    w = {"tok_embeddings": sd["tok_embeddings.weight"], "norm": sd["norm.weight"],
+         "output": sd["output.weight"]}
+    for k, v in sd.items():
+        if k.startswith("layers."):
+            _, l, *_, name, _ = k.split(".")   # layers.3.attention.wq.weight
+            w[f"layers.{l}.{name}"] = v
+    return model.params, w, bool(model.shared_classifier)
+
+
+def write_model(model, path: str | Path, version: int = 0, group_size: int = 64) -> Path:
+    """Write a Transformer (or a tuple (args, weights, shared) of NumPy arrays) to `path`."""
+    if version not in (0, 1, 2):
+        raise ValueError(f"unsupported llama2.c format version {version}: expected 0, 1 or 2")
+    a, w, shared = model if isinstance(model, tuple) else weights_from_torch(model)
+    if shared is None:
+        shared = "output" not in w or np.array_equal(w["output"], w["tok_embeddings"])
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    params = (a.dim, a.hidden_dim, a.n_layers, a.n_heads, a.n_kv_heads, a.vocab_size,
+              a.max_seq_len)
+    try:
+        with open(tmp, "wb") as f:
+            if version == 0:
+                vocab = a.vocab_size if shared else -a.vocab_size
+                f.write(struct.pack("7i", *params[:5], vocab, params[6]))
+            else:
+                gs = choose_group_size(a, group_size) if version == 2 else 0
+                head = struct.pack("Ii7iB", MAGIC, version, *params, int(shared))
+                head += struct.pack("i", gs) if version == 2 else b""
+                f.write(head.ljust(HEADER_V1, b"\0"))
+            names = _tensor_order(version, a.n_layers, shared)
+            if version == 0:   # RoPE tables nobody reads any more, kept for run.c's layout
+                freqs = 1.0 / a.rope_theta ** (np.arange(0, a.head_dim, 2) / a.head_dim)
+                ang = np.outer(np.arange(a.max_seq_len), freqs)
+                w = {**w, "freq_cis_real": np.cos(ang), "freq_cis_imag": np.sin(ang)}
+            for name in names:
+                arr = np.ascontiguousarray(w[name], dtype=np.float32)
+                if arr.shape != _shape(name, a):
+                    raise ValueError(f"{name}: expected shape {_shape(name, a)}, got {arr.shape}")
+                if version == 2 and arr.ndim == 2:
+                    q, s, _ = quantize_q80(arr, gs)
+                    f.write(q.tobytes())
+                    f.write(s.tobytes())
+                else:
+                    f.write(arr.tobytes())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# reading
+
+def read_header(path: str | Path) -> tuple[ModelArgs, int, bool, int, int]:
+    """(args, version, shared_classifier, group_size, header_size), checked against the file."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(HEADER_V1)
+    except OSError as e:
+        raise ModelFileError(f"{path}: cannot read model file ({e.strerror})") from e
+    if len(head) < 28:
+        raise ModelFileError(f"{path}: truncated: {len(head)} bytes, a header needs at least 28")
+    (magic,) = struct.unpack_from("I", head, 0)
+    if magic == MAGIC:
+        if len(head) < HEADER_V1:
+            raise ModelFileError(f"{path}: truncated header: {len(head)} bytes, expected "
+                                 f"{HEADER_V1}")
+        (version,) = struct.unpack_from("i", head, 4)
+        if version not in (1, 2):
+            raise ModelFileError(f"{path}: offset 4: unsupported version {version}, expected 1 "
+                                 f"or 2")
+        params = struct.unpack_from("7i", head, 8)
+        shared = head[36]
+        if shared not in (0, 1):
+            raise ModelFileError(f"{path}: offset 36: shared-classifier flag {shared}, expected "
+                                 f"0 or 1")
+        group_size = struct.unpack_from("i", head, 37)[0] if version == 2 else 0
+        header_size = HEADER_V1
+    else:
+        version, header_size, group_size = 0, 28, 0
+        params = struct.unpack_from("7i", head, 0)
+        shared = params[5] > 0
+        params = (*params[:5], abs(params[5]), params[6])
+    names = ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size",
+             "max_seq_len")
+    off0 = 8 if version else 0
+    for i, (n, v) in enumerate(zip(names, params, strict=True)):
+        if not 0 < v <= MAX_DIM:
+            hint = " (is this a llama2.c model file?)" if version == 0 else ""
+            raise ModelFileError(f"{path}: offset {off0 + 4 * i}: {n} = {v} is not a plausible "
+                                 f"value{hint}")
+    try:
+        args = ModelArgs(**dict(zip(names, params, strict=True)))
+    except ValueError as e:
+        raise ModelFileError(f"{path}: inconsistent header: {e}") from e
+    if version == 2 and (group_size <= 0 or args.dim % group_size
+                         or args.hidden_dim % group_size):
+        raise ModelFileError(f"{path}: offset 37: group size {group_size} does not divide dim "
+                             f"{args.dim} and hidden_dim {args.hidden_dim}")
+    expected = header_size + _payload_size(args, version, bool(shared), group_size)
+    if size != expected:
+        raise ModelFileError(f"{path}: the header describes a {expected}-byte file "
+                             f"(v{version}, {params}), but the file has {size} bytes"
+                             + (" (truncated?)" if size < expected else ""))
+    return args, version, bool(shared), group_size, header_size
+
+
+def _nbytes(name: str, a: ModelArgs, version: int, gs: int) -> int:
+    n = int(np.prod(_shape(name, a)))
+    if version == 2 and len(_shape(name, a)) == 2:
+        return n + 4 * (n // gs)   # int8 values + fp32 scales
+    return 4 * n
+
+
+def _payload_size(a: ModelArgs, version: int, shared: bool, gs: int) -> int:
+    return sum(_nbytes(n, a, version, gs) for n in _tensor_order(version, a.n_layers, shared))
+
+
+def read_model(path: str | Path) -> tuple[ModelArgs, Weights]:
+    """(ModelArgs, Weights) of a v0/v1/v2 file; the arrays are read-only views of a memmap."""
+    args, version, shared, gs, off = read_header(path)
+    buf = np.memmap(path, dtype=np.uint8, mode="r")
+    w = Weights()
+    w.version, w.group_size, w.shared_classifier = version, gs, shared
+    for name in _tensor_order(version, args.n_layers, shared):
+        shape = _shape(name, args)
+        n = int(np.prod(shape))
+        if version == 2 and len(shape) == 2:
+            w[name] = buf[off:off + n].view(np.int8).reshape(shape)
+            w[name + ".scale"] = buf[off + n:off + n + 4 * (n // gs)].view(np.float32)
+        else:
+            w[name] = buf[off:off + 4 * n].view(np.float32).reshape(shape)
+        off += _nbytes(name, args, version, gs)
+    if shared:
+        w["output"] = w["tok_embeddings"]
+        if version == 2:
+            w["output.scale"] = w["tok_embeddings.scale"]
+    w.pop("freq_cis_real", None)
+    w.pop("freq_cis_imag", None)
+    return args, w
+
+
+def dequantized(w: Weights) -> dict[str, np.ndarray]:
+    """fp32 copies of every tensor of a v2 file (v0/v1 tensors are returned as they are)."""
+    out = {}
+    for k, v in w.items():
+        if k.endswith(".scale"):
+            continue
+        out[k] = dequantize_q80(v, w[k + ".scale"], w.group_size) if v.dtype == np.int8 else v
+    return out

@@ -1,0 +1,278 @@
+"""Chapter 06: the C/OpenMP kernel (csrc/), compiled on first use and loaded with ctypes.
+
+    from babyllama.fast_c import CLlama
+    engine = CLlama.load("out/model.bin", threads=2)   # same interface as NumpyLlama
+    logits = engine.forward(token=1, pos=0)
+
+    babyllama generate out/model.bin -z out/tok512.bin -i "Once upon" --engine c
+    make -C csrc                                        # the same library and a run.c-style CLI
+
+The shared library is built from the sources next to this package (never the working
+directory) into a cache ($BABYLLAMA_CACHE or ~/.cache/babyllama), named by a hash of the
+sources, compiler and flags, so editing a .c file or setting CC/CFLAGS rebuilds it. OpenMP is
+used when the compiler has it (macOS: Homebrew's libomp), and the build works without it.
+"""
+
+from __future__ import annotations
+
+import ctypes as C
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+
+from babyllama.config import ModelArgs
+from babyllama.inference_numpy import XorShiftRng, check_sampling, generate_loop
+
+CSRC = Path(__file__).resolve().parent.parent.parent / "csrc"
+LIB_SOURCES = ("kernels.c", "model.c", "tokenizer.c")
+HEADERS = ("babyllama.h", "kernels.h")
+BASE_FLAGS = ["-std=c11", "-fPIC", "-ffp-contract=off", "-Wall", "-Wextra"]
+DEFAULT_CFLAGS = "-O3 -march=native"
+ERRORS = {1: "I/O error", 2: "bad file format", 3: "bad argument", 4: "out of memory",
+          5: "stopped"}
+
+
+class BuildError(RuntimeError):
+    pass
+
+
+class CError(RuntimeError):
+    pass
+
+
+# ----------------------------------------------------------------------------------------------
+# building
+
+def _run(cmd: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    except FileNotFoundError as e:
+        raise BuildError(f"no C compiler: {cmd[0]!r} was not found. Install gcc or clang (or "
+                         f"Xcode's command line tools on macOS), or set CC") from e
+
+
+def _compiles(cc: str, flags: list[str], code: str, link: list[str] = ()) -> bool:
+    with tempfile.TemporaryDirectory() as d:
+        src = Path(d) / "t.c"
+        src.write_text(code)
+        return _run([cc, *flags, str(src), "-o", str(Path(d) / "t"), *link]).returncode == 0
+
+
+@cache
+def openmp_flags(cc: str) -> tuple[list[str], list[str]]:
+    """(compile flags, link flags) that enable OpenMP with `cc`, or ([], []) without it."""
+    if os.environ.get("BABYLLAMA_OPENMP", "1") == "0":
+        return [], []
+    code = "#include <omp.h>\nint main(void){return omp_get_max_threads() < 1;}\n"
+    if _compiles(cc, ["-fopenmp"], code, ["-fopenmp"]):
+        return ["-fopenmp"], ["-fopenmp"]
+    if platform.system() == "Darwin":   # Apple clang: OpenMP through Homebrew's libomp
+        for prefix in ("/opt/homebrew/opt/libomp", "/usr/local/opt/libomp"):
+            inc, lib = f"-I{prefix}/include", f"-L{prefix}/lib"
+            if _compiles(cc, ["-Xpreprocessor", "-fopenmp", inc], code, [lib, "-lomp"]):
+                return ["-Xpreprocessor", "-fopenmp", inc], [lib, "-lomp"]
+    return [], []
+
+
+def build_flags() -> tuple[str, list[str], list[str]]:
+    """(compiler, compile flags, link flags) from CC/CFLAGS and what the compiler supports."""
+    cc = os.environ.get("CC") or ("cc" if shutil.which("cc") else "gcc")
+    cflags = os.environ.get("CFLAGS", DEFAULT_CFLAGS).split()
+    if "-march=native" in cflags and not _compiles(cc, ["-march=native"], "int main(void){}"):
+        cflags.remove("-march=native")   # e.g. Apple clang on arm64 before version 15
+    omp_c, omp_l = openmp_flags(cc)
+    return cc, [*BASE_FLAGS, *cflags, *omp_c], omp_l
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("BABYLLAMA_CACHE", Path.home() / ".cache" / "babyllama"))
+
+
+def build_library(extra_cflags: tuple[str, ...] = (), out_dir: Path | None = None) -> Path:
+    """Compile csrc/ into a shared library, unless the cached one is up to date."""
+    cc, cflags, ldflags = build_flags()
+    cflags = [*cflags, *extra_cflags]
+    h = hashlib.sha256()
+    for name in (*LIB_SOURCES, *HEADERS):
+        path = CSRC / name
+        if not path.exists():
+            raise BuildError(f"C source {path} is missing; is babyllama installed from a "
+                             f"checkout (pip install -e .)?")
+        h.update(name.encode() + path.read_bytes())
+    version = _run([cc, "--version"]).stdout
+    h.update(" ".join([cc, version, *cflags, *ldflags]).encode())
+    ext = ".dylib" if platform.system() == "Darwin" else ".so"
+    out_dir = out_dir or cache_dir()
+    lib = out_dir / f"libbabyllama-{h.hexdigest()[:16]}{ext}"
+    if lib.exists():
+        return lib
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = lib.with_name(f"{lib.name}.{os.getpid()}.tmp")
+    cmd = [cc, *cflags, "-shared", *(str(CSRC / s) for s in LIB_SOURCES), "-o", str(tmp),
+           *ldflags, "-lm"]
+    res = _run(cmd)
+    if res.returncode != 0:
+        raise BuildError(f"compiling the C kernel failed:\n$ {' '.join(cmd)}\n{res.stderr}")
+    os.replace(tmp, lib)
+    return lib
+
+
+# ----------------------------------------------------------------------------------------------
+# loading: every function gets its argtypes and restype
+
+_f32p = np.ctypeslib.ndpointer(np.float32, ndim=1, flags="C_CONTIGUOUS")
+_i32p = np.ctypeslib.ndpointer(np.int32, ndim=1, flags="C_CONTIGUOUS")
+TOKEN_CB = C.CFUNCTYPE(C.c_int, C.c_int, C.c_void_p)
+
+
+@cache
+def load_library(path: str | None = None) -> C.CDLL:
+    lib = C.CDLL(path or str(build_library()))
+    vp, i, f, ep = C.c_void_p, C.c_int, C.c_float, C.c_char_p
+    sigs = {
+        "bl_model_open": ([ep, i, C.POINTER(vp), ep, C.c_size_t], i),
+        "bl_model_close": ([vp], None),
+        "bl_model_config": ([vp, _i32p], i),
+        "bl_model_error": ([vp], ep),
+        "bl_set_threads": ([vp, i], i),
+        "bl_reset": ([vp], i),
+        "bl_forward": ([vp, i, i, _f32p], i),
+        "bl_sample": ([vp, _f32p, f, f, C.POINTER(C.c_uint64), C.POINTER(i)], i),
+        "bl_random_u32": ([C.POINTER(C.c_uint64)], C.c_uint32),
+        "bl_generate": ([vp, _i32p, i, i, f, f, C.c_uint64, TOKEN_CB, vp, C.POINTER(i)], i),
+        "bl_tokenizer_open": ([ep, i, C.POINTER(vp), ep, C.c_size_t], i),
+        "bl_tokenizer_close": ([vp], None),
+        "bl_tokenizer_error": ([vp], ep),
+        "bl_encode": ([vp, ep, i, i, _i32p, i, C.POINTER(i)], i),
+        "bl_decode": ([vp, i, i, C.POINTER(C.c_void_p), C.POINTER(C.c_size_t)], i),
+    }
+    for name, (args, res) in sigs.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = args, res
+    return lib
+
+
+def _open(opener, path: str | Path, arg: int) -> C.c_void_p:
+    lib = load_library()
+    handle, err = C.c_void_p(), C.create_string_buffer(1024)
+    rc = getattr(lib, opener)(str(path).encode(), arg, C.byref(handle), err, len(err))
+    if rc != 0:
+        raise CError(f"{ERRORS.get(rc, rc)}: {err.value.decode(errors='replace')}")
+    return handle
+
+
+# ----------------------------------------------------------------------------------------------
+# the engine
+
+class CLlama:
+    """The C kernel behind the interface of NumpyLlama."""
+
+    def __init__(self, handle: C.c_void_p, threads: int):
+        self._lib, self._h = load_library(), handle
+        cfg = np.zeros(10, dtype=np.int32)
+        self._lib.bl_model_config(self._h, cfg)
+        dim, hidden, layers, heads, kv, vocab, seq, self.version, self.group_size, shared = (
+            int(v) for v in cfg)
+        self.args = ModelArgs(dim=dim, hidden_dim=hidden, n_layers=layers, n_heads=heads,
+                              n_kv_heads=kv, vocab_size=vocab, max_seq_len=seq)
+        self.shared_classifier = bool(shared)
+        self.threads = threads
+        self._logits = np.zeros(vocab, dtype=np.float32)
+
+    @classmethod
+    def load(cls, path: str | Path, threads: int | None = None) -> CLlama:
+        threads = threads or os.cpu_count() or 1
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        return cls(_open("bl_model_open", path, threads), threads)
+
+    def close(self) -> None:
+        if self._h:
+            self._lib.bl_model_close(self._h)
+            self._h = None
+
+    def __del__(self):
+        self.close()
+
+    def _check(self, rc: int) -> None:
+        if rc != 0:
+            msg = self._lib.bl_model_error(self._h).decode(errors="replace")
+            raise (ValueError if rc == 3 else CError)(msg)
+
+    def reset(self) -> None:
+        self._check(self._lib.bl_reset(self._h))
+
+    def forward(self, token: int, pos: int) -> np.ndarray:
+        self._check(self._lib.bl_forward(self._h, int(token), int(pos), self._logits))
+        return self._logits.copy()
+
+    def forward_tokens(self, tokens: list[int], pos: int) -> np.ndarray:
+        """Logits (T, vocab) of tokens at positions pos.., one forward pass per token."""
+        return np.stack([self.forward(t, pos + i) for i, t in enumerate(tokens)])
+
+    def sample(self, logits: np.ndarray, temperature: float, topp: float,
+               rng: XorShiftRng) -> int:
+        logits = np.ascontiguousarray(logits, dtype=np.float32)
+        if logits.shape != (self.args.vocab_size,):
+            raise ValueError(f"logits must have shape ({self.args.vocab_size},), got "
+                             f"{logits.shape}")
+        state, tok = C.c_uint64(rng.state), C.c_int()
+        self._check(self._lib.bl_sample(self._h, logits, temperature, topp, C.byref(state),
+                                        C.byref(tok)))
+        rng.state = state.value
+        return tok.value
+
+    def generate(self, prompt_ids: list[int], steps: int, temperature: float = 1.0,
+                 topp: float = 0.9, seed: int | None = None) -> Iterator[int]:
+        """Streams tokens: the C forward pass and C sampler, step by step (run.c's loop)."""
+        yield from generate_loop(self, prompt_ids, steps, temperature, topp, seed)
+
+    def generate_native(self, prompt_ids: list[int], steps: int, temperature: float = 1.0,
+                        topp: float = 0.9, seed: int = 1) -> list[int]:
+        """The whole loop inside C (bl_generate), tokens collected through a callback."""
+        check_sampling(temperature, topp)
+        out: list[int] = []
+        cb = TOKEN_CB(lambda t, _: out.append(t) or 0)
+        ids = np.asarray(prompt_ids, dtype=np.int32)
+        n = C.c_int()
+        self._check(self._lib.bl_generate(self._h, ids, len(ids), steps, temperature, topp,
+                                          seed, cb, None, C.byref(n)))
+        return out
+
+
+class CTokenizer:
+    """The C encoder/decoder over tokenizer.bin (the same results as babyllama.tokenizer)."""
+
+    def __init__(self, path: str | Path, vocab_size: int = 0):
+        self._lib = load_library()
+        self._h = _open("bl_tokenizer_open", path, vocab_size)
+
+    def __del__(self):
+        if getattr(self, "_h", None):
+            self._lib.bl_tokenizer_close(self._h)
+            self._h = None
+
+    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+        data = text.encode("utf-8")
+        if b"\0" in data:
+            raise ValueError("the C tokenizer takes NUL-terminated text: remove NUL characters")
+        buf = np.zeros(4 * len(data) + 3, dtype=np.int32)
+        n = C.c_int()
+        rc = self._lib.bl_encode(self._h, data, int(bos), int(eos), buf, len(buf), C.byref(n))
+        if rc != 0:
+            raise CError(self._lib.bl_tokenizer_error(self._h).decode(errors="replace"))
+        return buf[: n.value].tolist()
+
+    def decode_piece(self, prev: int, token: int) -> bytes:
+        p, n = C.c_void_p(), C.c_size_t()
+        if self._lib.bl_decode(self._h, prev, token, C.byref(p), C.byref(n)) != 0:
+            raise ValueError(f"token id {token} outside the vocabulary")
+        return C.string_at(p, n.value) if n.value else b""
