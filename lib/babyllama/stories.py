@@ -224,7 +224,7 @@ PROBLEMS = [
       "But {A} did not want to share. \"It is mine,\" said {A}.",
       "{B} felt {bad} and walked away {adv}."],
      ["{A} sat alone with the {obj}. It was not much fun to play alone.",
-      "{APc} ran after {B}. \"I am sorry,\" said {A}. \"Do you want to play with me?\""],
+      "{A} ran after {B}. \"I am sorry,\" said {A}. \"Do you want to play with me?\""],
      ["\"Yes, please!\" said {B}. They took turns with the {obj}, and they laughed and laughed."],
      ["{A} learned that playing together is more fun than playing alone."]),
     (["Suddenly, dark clouds came and it started to rain.",

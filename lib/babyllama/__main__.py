@@ -1,0 +1,5 @@
+import sys
+
+from babyllama.cli import main
+
+sys.exit(main())

@@ -1,0 +1,281 @@
+"""The `babyllama` command (also `python -m babyllama`). Run `babyllama -h` for the list.
+
+    babyllama corpus     --n 1000 --seed 0 --out out/stories.jsonl
+    babyllama tokenizer  train --vocab 512 --data stories --out out/tok512
+    babyllama tokenizer  export MODEL.model OUT.bin
+    babyllama pretokenize --vocab 512 --data stories
+    babyllama train      --preset book --out out/book [--resume] [--max-iters N] ...
+    babyllama export     out/book/ckpt.pt out/model.bin --version 0   |   --hf out/hf
+    babyllama generate   out/model.bin -z out/tok512.bin -i "Once upon" --engine c
+    babyllama book       # the whole pipeline on the built-in corpus (the main job)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+from babyllama import data as D
+
+
+def _positive(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {n}")
+    return n
+
+
+def _writable(path: str) -> Path:
+    """An output path whose directory exists (or can be made) and is writable."""
+    p = Path(path)
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        probe = p.parent / f".{p.name}.probe"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise argparse.ArgumentTypeError(f"cannot write to {path}: {e.strerror or e}") from None
+    return p
+
+
+# ----------------------------------------------------------------------------------------------
+# subcommands
+
+def cmd_corpus(a) -> None:
+    from babyllama.stories import generate_stories, write_jsonl
+
+    write_jsonl(generate_stories(a.n, a.seed), a.out)
+    print(f"wrote {a.n} stories to {a.out}")
+
+
+def tokenizer_paths(vocab: int, out_dir: str = "out") -> tuple[Path, Path]:
+    return Path(out_dir) / f"tok{vocab}.model", Path(out_dir) / f"tok{vocab}.bin"
+
+
+def cmd_tokenizer(a) -> None:
+    from babyllama.tokenizer import export_tokenizer_bin, train_tokenizer
+
+    if a.action == "export":
+        print(f"wrote {export_tokenizer_bin(a.model, a.out)}")
+        return
+    train, _ = D.load_corpus(a.data, a.data_dir)
+    model = train_tokenizer(train, a.out, a.vocab)
+    print(f"wrote {model} and {export_tokenizer_bin(model, model.with_suffix('.bin'))}")
+
+
+def cmd_pretokenize(a) -> None:
+    model = Path(a.tokenizer or tokenizer_paths(a.vocab)[0])
+    if not model.exists():
+        raise FileNotFoundError(f"{model}: no tokenizer; make it with `babyllama tokenizer train "
+                                f"--vocab {a.vocab} --data {a.data}`")
+    train, val = D.load_corpus(a.data, a.data_dir)
+    out = D.pretokenize(train, val, model, D.shard_dir(a.data, a.vocab, a.data_dir))
+    print(f"wrote shards to {out}")
+
+
+def cmd_train(a) -> None:
+    from babyllama.train import TrainConfig, train
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"extra"}
+    cfg = TrainConfig(**{k: v for k, v in vars(a).items() if k in fields and v is not None})
+    print(f"trained: {train(cfg, resume=a.resume)}")
+
+
+def cmd_export(a) -> None:
+    from babyllama.export import write_model
+    from babyllama.model import Transformer
+
+    model = Transformer.from_pretrained(a.ckpt)
+    if a.hf:
+        print(f"wrote {model.save_pretrained(a.hf)}")
+    elif a.out:
+        print(f"wrote {write_model(model, a.out, version=a.version)}")
+    else:
+        raise ValueError("export needs OUT.bin or --hf DIR")
+
+
+def load_engine(path: str, engine: str, threads: int | None = None):
+    if engine == "numpy":
+        from babyllama.inference_numpy import NumpyLlama
+
+        return NumpyLlama.load(path)
+    if engine == "c":
+        from babyllama.fast_c import CLlama
+
+        return CLlama.load(path, threads=threads)
+    raise ValueError(f"unknown engine {engine!r}")
+
+
+def cmd_generate(a) -> None:
+    from babyllama.tokenizer import Tokenizer
+
+    seed = a.seed if a.seed > 0 else int(time.time())   # run.c: 0 means "from the clock"
+    if a.engine == "torch":
+        from babyllama.model import Transformer
+
+        model = Transformer.from_pretrained(a.model)
+        tok = Tokenizer.from_bin(a.tokenizer, model.params.vocab_size)
+        prompt = tok.encode(a.prompt, bos=True)
+        ids = model.generate(prompt, max(0, min(a.steps, model.params.max_seq_len) - len(prompt)
+                                         + 1), a.temperature, top_p=a.topp, seed=seed)
+    else:
+        engine = load_engine(a.model, a.engine, a.threads)
+        tok = Tokenizer.from_bin(a.tokenizer, engine.args.vocab_size)
+        prompt = tok.encode(a.prompt, bos=True)
+        ids = engine.generate(prompt, a.steps or engine.args.max_seq_len, a.temperature, a.topp,
+                              seed)
+    sys.stdout.write(a.prompt)
+    t0, n = time.perf_counter(), 0
+    for piece in tok.stream(ids, prev=prompt[-1]):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+        n += 1
+    dt = time.perf_counter() - t0
+    sys.stdout.write("\n")
+    print(f"[{a.engine}: {n} pieces in {dt:.2f}s]", file=sys.stderr)
+
+
+def cmd_book(a) -> None:
+    """The main job: corpus -> tokenizer -> shards -> training -> export -> NumPy and C."""
+    from babyllama.export import write_model
+    from babyllama.model import Transformer
+    from babyllama.tokenizer import Tokenizer, export_tokenizer_bin, train_tokenizer
+    from babyllama.train import TrainConfig, train
+
+    out = Path(a.out)
+    print("1/6 corpus: the built-in stories")
+    train_docs, val_docs = D.load_corpus("stories", a.data_dir)
+    print(f"    {len(train_docs)} train / {len(val_docs)} validation stories")
+    print(f"2/6 tokenizer: SentencePiece BPE, {a.vocab} pieces")
+    model_path, bin_path = tokenizer_paths(a.vocab, str(out))
+    if not model_path.exists():
+        train_tokenizer(train_docs, model_path.with_suffix(""), a.vocab)
+    export_tokenizer_bin(model_path, bin_path)
+    print("3/6 pretokenize into uint16 shards")
+    bins = D.shard_dir("stories", a.vocab, a.data_dir)
+    if not (bins / "meta.json").exists():
+        D.pretokenize(train_docs, val_docs, model_path, bins)
+    print(f"4/6 train the '{a.preset}' preset ({a.max_iters} iterations)")
+    cfg = TrainConfig(preset=a.preset, out_dir=str(out / a.preset), vocab_size=a.vocab,
+                      max_iters=a.max_iters, data_dir=a.data_dir)
+    ckpt = out / a.preset / "ckpt.pt"
+    if not ckpt.exists() or not a.reuse:
+        ckpt = train(cfg)
+    model = Transformer.from_pretrained(ckpt)
+    print("5/6 export to llama2.c's formats")
+    paths = {v: write_model(model, out / f"{a.preset}_v{v}.bin", version=v) for v in (0, 1, 2)}
+    for v, p in paths.items():
+        print(f"    v{v}: {p} ({p.stat().st_size:,} bytes)")
+    print("6/6 generate")
+    tok = Tokenizer.from_bin(bin_path)
+    prompt = tok.encode("Once upon a time", bos=True)
+    for name in ("numpy", "c"):
+        engine = load_engine(str(paths[0]), name)
+        t0 = time.perf_counter()
+        ids = list(engine.generate(prompt, 256, temperature=0.8, topp=0.9, seed=42))
+        dt = time.perf_counter() - t0
+        print(f"--- {name} engine ({len(ids) / dt:,.0f} tok/s) ---")
+        print(tok.decode(prompt + ids))
+
+
+# ----------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    from babyllama.train import TrainConfig
+
+    p = argparse.ArgumentParser(prog="babyllama", description="Rebuild llama2.c, end to end.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("corpus", help="write the built-in story corpus as JSON Lines")
+    s.add_argument("--n", type=_positive, default=D.BOOK_STORIES)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", type=_writable, default=D.corpus_path())
+    s.set_defaults(fn=cmd_corpus)
+
+    s = sub.add_parser("tokenizer", help="train a tokenizer or export one to tokenizer.bin")
+    ts = s.add_subparsers(dest="action", required=True)
+    t = ts.add_parser("train")
+    t.add_argument("--vocab", type=_positive, default=512)
+    t.add_argument("--data", choices=["stories", "tinystories"], default="stories")
+    t.add_argument("--data-dir", default=str(D.DATA_DIR))
+    t.add_argument("--out", default=None)
+    t.set_defaults(fn=cmd_tokenizer)
+    t = ts.add_parser("export")
+    t.add_argument("model")
+    t.add_argument("out", type=_writable)
+    t.set_defaults(fn=cmd_tokenizer)
+
+    s = sub.add_parser("pretokenize", help="encode a corpus into uint16 shards")
+    s.add_argument("--vocab", type=_positive, default=512)
+    s.add_argument("--data", choices=["stories", "tinystories"], default="stories")
+    s.add_argument("--data-dir", default=str(D.DATA_DIR))
+    s.add_argument("--tokenizer", default=None, help="default: out/tok{vocab}.model")
+    s.set_defaults(fn=cmd_pretokenize)
+
+    s = sub.add_parser("train", help="train a model")
+    s.add_argument("--resume", action="store_true")
+    for f in dataclasses.fields(TrainConfig):
+        if f.name == "extra":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            s.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
+        else:
+            typ = {"int": int, "float": float, "int | None": int, "str": str}.get(str(f.type), str)
+            s.add_argument(flag, dest=f.name, type=typ, default=None,
+                           help=f"default: {f.default}")
+    s.add_argument("--out", dest="out_dir", default=None)
+    s.set_defaults(fn=cmd_train)
+
+    s = sub.add_parser("export", help="write a checkpoint as a llama2.c file or a HF directory")
+    s.add_argument("ckpt")
+    s.add_argument("out", nargs="?", type=_writable)
+    s.add_argument("--version", type=int, choices=[0, 1, 2], default=0)
+    s.add_argument("--hf", default=None, help="write a Hugging Face directory instead")
+    s.set_defaults(fn=cmd_export)
+
+    s = sub.add_parser("generate", help="generate text (run.c's flags)")
+    s.add_argument("model")
+    s.add_argument("-z", dest="tokenizer", required=True)
+    s.add_argument("-i", dest="prompt", default="")
+    s.add_argument("-t", dest="temperature", type=float, default=1.0)
+    s.add_argument("-p", dest="topp", type=float, default=0.9)
+    s.add_argument("-s", dest="seed", type=int, default=0)
+    s.add_argument("-n", dest="steps", type=int, default=256)
+    s.add_argument("--engine", choices=["c", "numpy", "torch"], default="c")
+    s.add_argument("--threads", type=_positive, default=None)
+    s.set_defaults(fn=cmd_generate)
+
+    s = sub.add_parser("book", help="the main job: the whole book on the built-in corpus")
+    s.add_argument("--out", default="out")
+    s.add_argument("--data-dir", default=str(D.DATA_DIR))
+    s.add_argument("--vocab", type=_positive, default=512)
+    s.add_argument("--preset", default="book")
+    s.add_argument("--max-iters", type=_positive, default=600)
+    s.add_argument("--reuse", action="store_true", help="reuse an existing checkpoint")
+    s.set_defaults(fn=cmd_book)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "command", None) == "tokenizer" and getattr(args, "action", "") == "train":
+        args.out = args.out or str(tokenizer_paths(args.vocab)[0].with_suffix(""))
+    try:
+        args.fn(args)
+    except KeyboardInterrupt:
+        return 130
+    except (ValueError, OSError, RuntimeError) as e:
+        print(f"babyllama {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

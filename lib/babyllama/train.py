@@ -1,0 +1,339 @@
+"""Chapter 03: training. AdamW, cosine schedule, checkpoints that resume exactly, DDP.
+
+    from babyllama.train import TrainConfig, train
+    ckpt = train(TrainConfig(preset="book", out_dir="out/book"))   # -> out/book/ckpt.pt
+
+    babyllama train --preset book --out out/book [--resume] [--max-iters N] ...
+    torchrun --standalone --nproc_per_node 2 -m babyllama train --preset book --out out/ddp
+
+Batches are a pure function of (seed, iteration) (see data.get_batch), so a checkpoint that
+stores the model, the optimizer, the RNG states and the iteration resumes exactly where it
+stopped; with DDP each rank takes its rows of the same global batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from babyllama.data import DATA_DIR, get_batch, load_shards, shard_dir
+from babyllama.model import PRESETS, ModelArgs, Transformer
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "out/book"
+    preset: str = "book"
+    data: str = "stories"               # or "tinystories"
+    data_dir: str = str(DATA_DIR)
+    vocab_size: int | None = None       # None: the preset's
+    max_seq_len: int | None = None      # None: the preset's
+    batch_size: int = 32                # global, per optimizer micro-step (split across ranks)
+    grad_accum: int = 1
+    max_iters: int = 600
+    eval_interval: int = 100
+    eval_iters: int = 10
+    log_interval: int = 10
+    learning_rate: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_iters: int = 50
+    lr_decay_iters: int | None = None   # None: max_iters
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    dropout: float = 0.0
+    dtype: str = "float32"              # float32 | bfloat16 | float16 (fp16: CUDA only)
+    compile: bool = False
+    device: str = "cpu"
+    seed: int = 1337
+    threads: int | None = None
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+    def model_args(self) -> ModelArgs:
+        if self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}: expected one of {list(PRESETS)}")
+        d = PRESETS[self.preset].to_dict()
+        d.update(dropout=self.dropout)
+        if self.vocab_size:
+            d["vocab_size"] = self.vocab_size
+        if self.max_seq_len:
+            d["max_seq_len"] = self.max_seq_len
+        return ModelArgs.from_dict(d)
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+def get_lr(it: int, cfg: TrainConfig) -> float:
+    """Linear warmup, then cosine decay to min_lr at lr_decay_iters, then flat."""
+    decay = cfg.lr_decay_iters or cfg.max_iters
+    if it < cfg.warmup_iters:
+        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
+    if it >= decay:
+        return cfg.min_lr
+    ratio = (it - cfg.warmup_iters) / max(1, decay - cfg.warmup_iters)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not on norms), fused where available."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    try:
+        return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
+                                 fused=True)
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2))
+
+
+_PEAK: dict[str, float] = {}
+
+
+def measured_peak_flops(device: str = "cpu") -> float:
+    """This machine's own fp32 matmul throughput (FLOP/s), measured once, for MFU."""
+    if device not in _PEAK:
+        a = torch.randn(1024, 1024, device=device)
+        a @ a
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < 0.3:
+            a @ a
+            n += 1
+        _PEAK[device] = 2 * 1024**3 * n / (time.perf_counter() - t0)
+    return _PEAK[device]
+
+
+def flops_per_token(args: ModelArgs, n_params: int) -> float:
+    """Training FLOPs per token: 6N for the matmuls + attention (PaLM appendix B)."""
+    return 6 * n_params + 12 * args.n_layers * args.dim * args.max_seq_len
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Write atomically: a crash mid-write leaves the previous checkpoint intact."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state()}
+
+
+def train(cfg: TrainConfig, resume: bool = False) -> Path:
+    """Train; returns the path of the last checkpoint (out_dir/ckpt.pt)."""
+    ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    if ddp:
+        dist.init_process_group(backend="nccl" if cfg.device.startswith("cuda") else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+    else:
+        rank, world = 0, 1
+    master = rank == 0
+    out = Path(cfg.out_dir)
+    ckpt_path = out / "ckpt.pt"
+    try:
+        return _train(cfg, resume, rank, world, master, out, ckpt_path)
+    finally:
+        if ddp:
+            dist.destroy_process_group()
+
+
+def _train(cfg, resume, rank, world, master, out, ckpt_path) -> Path:
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    state = None
+    if resume:
+        if not ckpt_path.exists():
+            raise TrainingError(f"--resume: no checkpoint at {ckpt_path}")
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        saved = ModelArgs.from_dict(state["model_args"])
+        if saved != cfg.model_args():
+            raise TrainingError(f"{ckpt_path} was trained with a different model config:\n"
+                                f"  checkpoint: {saved}\n  requested:  {cfg.model_args()}")
+        keep = {k: v for k, v in state["config"].items() if k not in ("max_iters", "progress")}
+        cfg = dataclasses.replace(cfg, **keep)
+    args = cfg.model_args()
+    if cfg.batch_size % world:
+        raise TrainingError(f"batch_size {cfg.batch_size} is not divisible by {world} processes")
+    if cfg.dtype == "float16" and not cfg.device.startswith("cuda"):
+        raise TrainingError("float16 training needs CUDA (a GradScaler); use bfloat16 on CPU")
+    bins = shard_dir(cfg.data, args.vocab_size, cfg.data_dir)
+    train_shards, val_shards = load_shards(bins, "train"), load_shards(bins, "val")
+
+    torch.manual_seed(cfg.seed)
+    model = Transformer(args).to(cfg.device)
+    optimizer = make_optimizer(model, cfg)
+    it0, best_val, history = 0, float("inf"), []
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"]["torch"])
+        it0, best_val = state["iter_num"], state["best_val_loss"]
+    n_params = sum(p.numel() for p in model.parameters())
+    raw = model
+    if cfg.compile:
+        model = torch.compile(model)
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model)
+    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16,
+               "float16": torch.float16}[cfg.dtype]
+    dev_type = "cuda" if cfg.device.startswith("cuda") else "cpu"
+    autocast = (contextlib.nullcontext() if ptdtype == torch.float32
+                else torch.autocast(dev_type, dtype=ptdtype))
+    scaler = torch.amp.GradScaler("cuda", enabled=cfg.dtype == "float16")
+    rows = slice(rank * cfg.batch_size // world, (rank + 1) * cfg.batch_size // world)
+
+    def batch(shards, seed, step):
+        x, y = get_batch(shards, cfg.batch_size, args.max_seq_len, seed, step)
+        return (torch.from_numpy(x[rows]).to(cfg.device), torch.from_numpy(y[rows]).to(cfg.device))
+
+    @torch.no_grad()
+    def evaluate() -> dict[str, float]:
+        model.eval()
+        res = {}
+        for split, shards, seed in (("train", train_shards, cfg.seed + 1),
+                                    ("val", val_shards, cfg.seed + 2)):
+            losses = []
+            for k in range(cfg.eval_iters):   # the same batches every time: comparable curves
+                x, y = batch(shards, seed, k)
+                with autocast:
+                    losses.append(raw(x, y)[1].item())
+            res[split] = _mean_across(float(np.mean(losses)), world)
+        model.train()
+        return res
+
+    def checkpoint(it: int) -> None:
+        if master:
+            save_checkpoint(ckpt_path, {
+                "model": raw.state_dict(), "optimizer": optimizer.state_dict(),
+                "model_args": args.to_dict(), "config": dataclasses.asdict(cfg),
+                "iter_num": it, "best_val_loss": best_val, "rng": _rng_state()})
+
+    out.mkdir(parents=True, exist_ok=True)
+    log = open(out / "log.jsonl", "a" if resume else "w") if master else None
+    interrupted = []
+    old_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.append(1)) if master \
+        else None
+    peak = measured_peak_flops(cfg.device) * world
+    tokens_per_iter = cfg.batch_size * cfg.grad_accum * args.max_seq_len
+    bar = tqdm(range(it0, cfg.max_iters), initial=it0, total=cfg.max_iters,
+               disable=not (master and cfg.progress), desc="train")
+    model.train()
+    it = it0
+    try:
+        t0 = time.perf_counter()
+        for it in bar:
+            if cfg.eval_interval and it % cfg.eval_interval == 0 and it > it0:
+                losses = evaluate()
+                best_val = min(best_val, losses["val"])
+                _log(log, {"iter": it, "train_loss": losses["train"], "val_loss": losses["val"]})
+                checkpoint(it)
+            lr = get_lr(it, cfg)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            total = 0.0
+            for micro in range(cfg.grad_accum):
+                x, y = batch(train_shards, cfg.seed, it * cfg.grad_accum + micro)
+                sync = world == 1 or micro == cfg.grad_accum - 1
+                with (contextlib.nullcontext() if sync else model.no_sync()), autocast:
+                    _, loss = model(x, y)
+                    loss = loss / cfg.grad_accum
+                scaler.scale(loss).backward()
+                total += loss.item()
+            total = _mean_across(total, world)
+            if not math.isfinite(total):
+                raise TrainingError(f"loss is {total} at iteration {it}; stopped. The last good "
+                                    f"checkpoint is {ckpt_path} (try a lower learning rate)")
+            if cfg.grad_clip:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            if it % cfg.log_interval == 0 or it == cfg.max_iters - 1:
+                dt = (time.perf_counter() - t0) / (it - it0 + 1)
+                tps = tokens_per_iter / dt
+                mfu = tps * flops_per_token(args, n_params) / peak
+                _log(log, {"iter": it, "loss": total, "lr": lr, "tokens_per_s": tps, "mfu": mfu})
+                bar.set_postfix(loss=f"{total:.3f}", tok_s=f"{tps:,.0f}")
+                history.append((it, total))
+            if interrupted:
+                checkpoint(it + 1)
+                raise KeyboardInterrupt
+        it = cfg.max_iters
+        losses = evaluate()
+        best_val = min(best_val, losses["val"])
+        _log(log, {"iter": it, "train_loss": losses["train"], "val_loss": losses["val"]})
+        checkpoint(it)
+    except KeyboardInterrupt:
+        if master:
+            print(f"\ninterrupted: checkpoint saved at iteration {it + 1} in {ckpt_path}; "
+                  f"continue with --resume")
+        raise
+    finally:
+        if log:
+            log.close()
+        if old_handler is not None:
+            signal.signal(signal.SIGINT, old_handler)
+    if master:
+        plot_losses(out / "log.jsonl", out / "loss.png")
+    return ckpt_path
+
+
+def _mean_across(value: float, world: int) -> float:
+    if world == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.item() / world
+
+
+def _log(f, rec: dict) -> None:
+    if f:
+        f.write(json.dumps(rec) + "\n")
+        f.flush()
+
+
+def read_log(path: str | Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def plot_losses(log_path: str | Path, out_png: str | Path) -> Path:
+    """The loss curve (training every log step, train/val at each evaluation)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recs = read_log(log_path)
+    steps = [(r["iter"], r["loss"]) for r in recs if "loss" in r]
+    evals = [(r["iter"], r["train_loss"], r["val_loss"]) for r in recs if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    if steps:
+        ax.plot(*zip(*steps, strict=True), lw=1, alpha=0.6, label="train (batch)")
+    if evals:
+        its, tr, va = zip(*evals, strict=True)
+        ax.plot(its, tr, "o-", label="train (eval)")
+        ax.plot(its, va, "s-", label="validation")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("cross-entropy loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+    return Path(out_png)

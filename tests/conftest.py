@@ -1,0 +1,61 @@
+"""Shared fixtures: a small corpus, its tokenizer and shards, and a briefly trained model.
+
+Everything is made here, offline, from the built-in story generator."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+LLAMA2_MODEL = SHARED / "data" / "llama2_tokenizer.model"
+
+
+@pytest.fixture(scope="session")
+def llama2_model() -> Path:
+    if not LLAMA2_MODEL.exists():
+        pytest.skip(f"reference data {LLAMA2_MODEL} is absent (../shared is only beside CI "
+                    f"and developer checkouts)")
+    return LLAMA2_MODEL
+
+
+@pytest.fixture(scope="session")
+def llama2_bin(llama2_model, tmp_path_factory) -> Path:
+    from babyllama.tokenizer import export_tokenizer_bin
+
+    return export_tokenizer_bin(llama2_model, tmp_path_factory.mktemp("llama2") / "tok.bin")
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    """A data dir with a 3,000-story built-in corpus, a 512-piece tokenizer and shards."""
+    from babyllama import data as D
+    from babyllama.tokenizer import export_tokenizer_bin, train_tokenizer
+
+    d = tmp_path_factory.mktemp("data")
+    D.make_corpus(n=3000, seed=0, data_dir=d)
+    train, val = D.load_corpus("stories", d)
+    model = train_tokenizer(train, d / "tok512", 512)
+    export_tokenizer_bin(model, d / "tok512.bin")
+    D.pretokenize(train, val, model, D.shard_dir("stories", 512, d), shard_stories=1000)
+    return d
+
+
+@pytest.fixture(scope="session")
+def stories_sample(data_dir) -> list[str]:
+    from babyllama import data as D
+
+    return D.load_corpus("stories", data_dir)[0][:2000]
+
+
+@pytest.fixture(scope="session")
+def trained(data_dir, tmp_path_factory) -> Path:
+    """A 'book' model trained for a few dozen steps: enough to prefer story-like tokens."""
+    from babyllama.train import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("trained")
+    cfg = TrainConfig(preset="book", out_dir=str(out), data_dir=str(data_dir), max_iters=40,
+                      batch_size=16, max_seq_len=128, eval_interval=0, eval_iters=2,
+                      warmup_iters=5, progress=False)
+    return train(cfg)

@@ -1,0 +1,192 @@
+"""The built-in corpus and the data path: determinism, variety, download with resume, shards."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import http.server
+import io
+import json
+import re
+import tarfile
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from babyllama import data as D
+from babyllama.stories import generate_stories, iter_stories, read_jsonl, split, write_jsonl
+
+
+def test_same_seed_same_bytes(tmp_path):
+    a = write_jsonl(generate_stories(300, seed=7), tmp_path / "a.jsonl").read_bytes()
+    b = write_jsonl(generate_stories(300, seed=7), tmp_path / "b.jsonl").read_bytes()
+    assert a == b
+    assert generate_stories(300, seed=8) != generate_stories(300, seed=7)
+
+
+def test_50k_distinct_stories_fast_and_varied():
+    t0 = time.perf_counter()
+    stories = generate_stories(50_000, seed=0)
+    assert time.perf_counter() - t0 < 30
+    assert len(set(stories)) == 50_000
+    words = {w for s in stories for w in re.findall(r"[a-z'-]+", s.lower())}
+    assert len(words) >= 1500
+    lengths = [len(s.split()) for s in stories]
+    assert 60 <= min(lengths) and max(lengths) <= 250
+    assert sum('"' in s for s in stories) == len(stories)   # every story has dialogue
+
+
+def test_pronouns_agree_with_names():
+    """A sentence that starts with a character's name and names no one else uses only that
+    character's pronouns ("Tom lost his kite. He was sad." never says "her")."""
+    male = {"he", "him", "his"}
+    female = {"she", "her", "hers"}
+    checked = 0
+    for (text, a, b), _ in zip(iter_stories(3), range(2000)):
+        for sent in re.split(r'(?<=[.!?])"?\s+', text):
+            words = re.findall(r"[A-Za-z]+", sent)
+            named = [c for c in (a, b) if c.name in words]
+            if len(named) != 1 or words[0] != named[0].name:
+                continue
+            pron = {w.lower() for w in words} & (male | female)
+            if pron:
+                checked += 1
+                assert pron <= (female if named[0].female else male), (sent, named[0])
+    assert checked > 500
+
+
+def test_splits_disjoint():
+    train, val = split(generate_stories(2000, seed=1))
+    assert len(val) == 100 and len(train) == 1900
+    assert not set(train) & set(val)
+
+
+def test_jsonl_roundtrip_and_bad_file(tmp_path):
+    stories = generate_stories(20, seed=2)
+    assert read_jsonl(write_jsonl(stories, tmp_path / "s.jsonl")) == stories
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"story": "ok"}\n{"text": "no story key"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2"):
+        read_jsonl(bad)
+    with pytest.raises(ValueError, match="positive"):
+        generate_stories(0)
+
+
+# ----------------------------------------------------------------------------------------------
+# download: a local server with Range support, that can cut a transfer off
+
+def _archive() -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for k in range(2):
+            payload = json.dumps([{"story": s} for s in generate_stories(50, seed=k)]).encode()
+            info = tarfile.TarInfo(f"data{k:02d}.json")
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    return buf.getvalue()
+
+
+class _Server:
+    def __init__(self, body: bytes):
+        self.body, self.cut_after, self.requests = body, None, []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_GET(self):
+                rng = self.headers.get("Range")
+                outer.requests.append(rng)
+                start = int(re.match(r"bytes=(\d+)-", rng).group(1)) if rng else 0
+                body = outer.body[start:]
+                self.send_response(206 if rng else 200)
+                if rng:
+                    self.send_header("Content-Range",
+                                     f"bytes {start}-{len(outer.body) - 1}/{len(outer.body)}")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if outer.cut_after is not None:   # drop the connection mid-way
+                    self.wfile.write(body[:outer.cut_after])
+                    outer.cut_after = None
+                    self.close_connection = True
+                    return
+                self.wfile.write(body)
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/TinyStories_all_data.tar.gz"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server():
+    s = _Server(_archive())
+    yield s
+    s.close()
+
+
+def test_download_resumes_after_cut(server, tmp_path):
+    sha = hashlib.sha256(server.body).hexdigest()
+    server.cut_after = len(server.body) // 3
+    with pytest.raises(D.DownloadError, match="cut off"):
+        D.download(server.url, tmp_path / "a.tar.gz", sha256=sha, timeout=5)
+    part = tmp_path / "a.tar.gz.part"
+    assert part.stat().st_size == len(server.body) // 3
+    path = D.download(server.url, tmp_path / "a.tar.gz", sha256=sha, timeout=5)
+    assert server.requests[-1] == f"bytes={len(server.body) // 3}-"
+    assert path.read_bytes() == server.body and not part.exists()
+    out = D.download_tinystories(tmp_path, url=server.url, sha256=sha)
+    assert sorted(p.name for p in out.glob("*.json")) == ["data00.json", "data01.json"]
+    train, val = D.load_corpus("tinystories", tmp_path)
+    assert val == generate_stories(50, seed=0) and train == generate_stories(50, seed=1)
+
+
+def test_corrupt_download_is_reported_not_used(server, tmp_path):
+    good = hashlib.sha256(server.body).hexdigest()
+    server.body = server.body[:100] + bytes([server.body[100] ^ 0xFF]) + server.body[101:]
+    with pytest.raises(D.DownloadError, match="checksum mismatch"):
+        D.download(server.url, tmp_path / "x.tar.gz", sha256=good, timeout=5)
+    assert not (tmp_path / "x.tar.gz").exists()
+    bad = tmp_path / "bad.tar.gz"
+    bad.write_bytes(gzip.compress(b"not a tar archive" * 10))
+    with pytest.raises(D.DownloadError, match="not a valid archive"):
+        D.unpack(bad, tmp_path / "unpacked")
+
+
+def test_offline_error_names_the_builtin_corpus(tmp_path):
+    with pytest.raises(D.DownloadError, match="--data stories"):
+        D.download("http://127.0.0.1:9/nothing.tar.gz", tmp_path / "n.tar.gz", timeout=2)
+
+
+# ----------------------------------------------------------------------------------------------
+# shards and batches
+
+def test_shards_start_with_bos_and_match_sentencepiece(data_dir):
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(data_dir / "tok512.model"))
+    train, _ = D.load_corpus("stories", data_dir)
+    shard = D.load_shards(D.shard_dir("stories", 512, data_dir), "train")[0]
+    expect = [t for s in train[:3] for t in [1, *sp.encode(s)]]
+    assert shard.dtype == np.uint16
+    assert shard[: len(expect)].tolist() == expect
+
+
+def test_batches_are_a_function_of_seed_and_step(data_dir):
+    shards = D.load_shards(D.shard_dir("stories", 512, data_dir), "train")
+    x1, y1 = D.get_batch(shards, 4, 32, seed=1, step=5)
+    x2, y2 = D.get_batch(shards, 4, 32, seed=1, step=5)
+    x3, _ = D.get_batch(shards, 4, 32, seed=1, step=6)
+    assert (x1 == x2).all() and (y1 == y2).all() and not (x1 == x3).all()
+    assert (x1[:, 1:] == y1[:, :-1]).all()
+
+
+def test_missing_shards_name_the_command(tmp_path):
+    with pytest.raises(FileNotFoundError, match="babyllama pretokenize"):
+        D.load_shards(tmp_path, "train")
