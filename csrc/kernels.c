@@ -11,6 +11,7 @@
 #include "kernels.h"
 
 #include <math.h>
+#include <stddef.h>
 #include <stdint.h>
 
 #if defined(__AVX2__) && defined(__FMA__)

@@ -51,11 +51,11 @@ def stories_sample(data_dir) -> list[str]:
 
 @pytest.fixture(scope="session")
 def trained(data_dir, tmp_path_factory) -> Path:
-    """A 'book' model trained for a few dozen steps: enough to prefer story-like tokens."""
+    """A "book" model trained for 150 short steps: it already writes story-like text."""
     from babyllama.train import TrainConfig, train
 
     out = tmp_path_factory.mktemp("trained")
-    cfg = TrainConfig(preset="book", out_dir=str(out), data_dir=str(data_dir), max_iters=40,
-                      batch_size=16, max_seq_len=128, eval_interval=0, eval_iters=2,
-                      warmup_iters=5, progress=False)
+    cfg = TrainConfig(preset="book", out_dir=str(out), data_dir=str(data_dir), max_iters=150,
+                      batch_size=8, eval_interval=0, eval_iters=2,
+                      warmup_iters=10, progress=False)
     return train(cfg)

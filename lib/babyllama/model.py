@@ -231,9 +231,11 @@ class Transformer(nn.Module):
         pos, out = len(prompt_ids), []
         for _ in range(max_new_tokens):
             nxt = _sample(logits[0, -1].float(), temperature, top_k, top_p, gen)
-            if nxt in (1, 2) or pos >= self.params.max_seq_len:
+            if nxt in (1, 2):
                 break
             out.append(nxt)
+            if pos >= self.params.max_seq_len:   # the context is full: nothing more to feed
+                break
             logits, _ = self(torch.tensor([[nxt]], device=device), start_pos=pos, use_cache=True)
             pos += 1
         self.reset_cache()
