@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-
 from babyllama.checkpoints import CheckpointError, permute_from_hf, permute_to_hf
 from babyllama.model import PRESETS, ModelArgs, Transformer, count_params
 

@@ -80,11 +80,14 @@ def cmd_pretokenize(a) -> None:
 
 
 def cmd_train(a) -> None:
-    from babyllama.train import TrainConfig, train
+    from babyllama.train import TrainConfig, saved_config, train
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"extra"}
-    cfg = TrainConfig(**{k: v for k, v in vars(a).items() if k in fields and v is not None})
-    print(f"trained: {train(cfg, resume=a.resume)}")
+    given = {k: v for k, v in vars(a).items() if k in fields and v is not None}
+    if a.resume:   # the checkpoint's settings, with only the flags given here changed
+        out_dir = Path(given.get("out_dir", TrainConfig.out_dir))
+        given = {**saved_config(out_dir / "ckpt.pt"), **given}
+    print(f"trained: {train(TrainConfig(**given), resume=a.resume)}")
 
 
 def cmd_export(a) -> None:

@@ -108,7 +108,7 @@ _PEAK: dict[str, float] = {}
 def measured_peak_flops(device: str = "cpu") -> float:
     """This machine's own fp32 matmul throughput (FLOP/s), measured once, for MFU."""
     if device not in _PEAK:
-        a = torch.randn(1024, 1024, device=device)
+        a = torch.randn(1024, 1024, generator=torch.Generator().manual_seed(0)).to(device)
         a @ a
         n, t0 = 0, time.perf_counter()
         while time.perf_counter() - t0 < 0.3:
@@ -128,6 +128,15 @@ def save_checkpoint(path: Path, state: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
+
+
+def saved_config(path: str | Path) -> dict:
+    """The TrainConfig fields stored in a checkpoint (to resume without repeating flags)."""
+    path = Path(path)
+    if not path.exists():
+        raise TrainingError(f"--resume: no checkpoint at {path}")
+    cfg = torch.load(path, map_location="cpu", weights_only=True)["config"]
+    return {k: v for k, v in cfg.items() if k != "extra"}
 
 
 def _rng_state() -> dict:
@@ -239,6 +248,9 @@ def _train(cfg, resume, rank, world, master, out, ckpt_path) -> Path:
         for it in bar:
             if cfg.eval_interval and it % cfg.eval_interval == 0 and it > it0:
                 losses = evaluate()
+                if not math.isfinite(losses["val"]):
+                    raise TrainingError(f"validation loss is {losses['val']} at iteration {it}; "
+                                        f"stopped. The last good checkpoint is {ckpt_path}")
                 best_val = min(best_val, losses["val"])
                 _log(log, {"iter": it, "train_loss": losses["train"], "val_loss": losses["val"]})
                 checkpoint(it)

@@ -1,0 +1,76 @@
+"""The `babyllama` command end to end, and its answers to bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from babyllama.stories import generate_stories, read_jsonl
+
+
+def bl(*args, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "babyllama", *map(str, args)],
+                          capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+def test_corpus(tmp_path):
+    r = bl("corpus", "--n", 25, "--seed", 4, "--out", tmp_path / "c.jsonl")
+    assert r.returncode == 0, r.stderr
+    assert read_jsonl(tmp_path / "c.jsonl") == generate_stories(25, 4)
+    assert json.loads((tmp_path / "c.jsonl").read_text().splitlines()[0]).keys() == {"story"}
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["nonsense"], "invalid choice"),
+    (["corpus", "--bogus", "1"], "unrecognized arguments"),
+    (["corpus", "--n", "0"], "expected a positive integer, got 0"),
+    (["corpus", "--n", "-3"], "expected a positive integer, got -3"),
+    (["corpus", "--out", "/proc/no/such/dir/x.jsonl"], "cannot write to"),
+    ([], "usage"),
+])
+def test_usage_errors_exit_2(args, msg):
+    r = bl(*args)
+    assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr
+
+
+def test_library_errors_are_one_line(tmp_path):
+    r = bl("export", tmp_path / "missing.pt", tmp_path / "o.bin")
+    assert r.returncode == 1 and "no such checkpoint" in r.stderr and "Traceback" not in r.stderr
+    r = bl("generate", tmp_path / "missing.bin", "-z", tmp_path / "t.bin", "--engine", "numpy")
+    assert r.returncode == 1 and "cannot read model file" in r.stderr
+
+
+def test_tokenizer_pretokenize_train_export_generate(tmp_path):
+    """The chapters' commands in sequence, on a tiny corpus in a scratch directory."""
+    data = tmp_path / "data"
+    from babyllama import data as D
+
+    D.make_corpus(n=600, seed=0, data_dir=data)
+    r = bl("tokenizer", "train", "--vocab", 400, "--data-dir", data, "--out", tmp_path / "tok")
+    assert r.returncode == 0, r.stderr
+    r = bl("pretokenize", "--vocab", 400, "--data-dir", data, "--tokenizer", tmp_path / "tok.model")
+    assert r.returncode == 0, r.stderr
+    r = bl("train", "--preset", "stories260K", "--vocab-size", 400, "--data-dir", data,
+           "--out", tmp_path / "run", "--max-iters", 3, "--max-seq-len", 64, "--batch-size", 4,
+           "--eval-iters", 1, "--no-progress")
+    assert r.returncode == 0, r.stderr
+    for v in (0, 2):
+        r = bl("export", tmp_path / "run" / "ckpt.pt", tmp_path / f"m{v}.bin", "--version", v)
+        assert r.returncode == 0, r.stderr
+    r = bl("export", tmp_path / "run" / "ckpt.pt", "--hf", tmp_path / "hf")
+    assert r.returncode == 0 and (tmp_path / "hf" / "model.safetensors").exists()
+    outs = {}
+    for engine in ("numpy", "c"):
+        r = bl("generate", tmp_path / "m0.bin", "-z", tmp_path / "tok.bin", "-i", "Once upon",
+               "-t", 0.9, "-s", 5, "-n", 40, "--engine", engine)
+        assert r.returncode == 0, r.stderr
+        outs[engine] = r.stdout
+    assert outs["numpy"] == outs["c"] and outs["c"].startswith("Once upon")
+    r = bl("generate", tmp_path / "hf", "-z", tmp_path / "tok.bin", "-i", "Once", "-n", 20,
+           "--engine", "torch", "-s", 1)
+    assert r.returncode == 0 and r.stdout.startswith("Once"), r.stderr
+    r = bl("generate", tmp_path / "m0.bin", "-z", tmp_path / "tok.bin", "-t", -1,
+           "--engine", "numpy")
+    assert r.returncode == 1 and "temperature must be >= 0" in r.stderr

@@ -1,0 +1,133 @@
+"""Chapter 03: exact resume, DDP against one process, and what happens when things go wrong."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from babyllama import train as T
+from babyllama.train import TrainConfig, TrainingError, read_log, train
+
+
+def _cfg(data_dir, out, **kw) -> TrainConfig:
+    base = dict(preset="stories260K", out_dir=str(out), data_dir=str(data_dir), max_seq_len=64,
+                batch_size=4, max_iters=20, lr_decay_iters=20, warmup_iters=3, eval_interval=0,
+                eval_iters=2, log_interval=1, progress=False, dropout=0.1)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _losses(out) -> list[float]:
+    return [r["loss"] for r in read_log(out / "log.jsonl") if "loss" in r]
+
+
+def _weights(path):
+    return torch.load(path, weights_only=True)["model"]
+
+
+def test_resume_is_exact(data_dir, tmp_path):
+    a = train(_cfg(data_dir, tmp_path / "a"))
+    train(_cfg(data_dir, tmp_path / "b", max_iters=10))
+    b = train(_cfg(data_dir, tmp_path / "b", max_iters=20), resume=True)
+    assert _losses(tmp_path / "a") == _losses(tmp_path / "b") and len(_losses(tmp_path / "a")) == 20
+    wa, wb = _weights(a), _weights(b)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert (tmp_path / "a" / "loss.png").stat().st_size > 1000
+    rec = [r for r in read_log(tmp_path / "a" / "log.jsonl") if "mfu" in r][-1]
+    assert rec["tokens_per_s"] > 0 and 0 < rec["mfu"] < 1
+
+
+def test_ddp_two_processes_match_one(data_dir, tmp_path):
+    cfg = dict(max_iters=6, lr_decay_iters=6, dropout=0.0, batch_size=8)
+    one = train(_cfg(data_dir, tmp_path / "one", **cfg))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+           "2", "-m", "babyllama", "train", "--preset", "stories260K", "--out",
+           str(tmp_path / "two"), "--data-dir", str(data_dir), "--max-seq-len", "64",
+           "--batch-size", "8", "--max-iters", "6", "--lr-decay-iters", "6", "--warmup-iters",
+           "3", "--eval-interval", "0", "--eval-iters", "2", "--log-interval", "1",
+           "--no-progress", "--dropout", "0.0", "--threads", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    la, lb = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert len(la) == len(lb) == 6
+    assert max(abs(x - y) for x, y in zip(la, lb)) < 1e-4
+    wa, wb = _weights(one), _weights(tmp_path / "two" / "ckpt.pt")
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-4
+
+
+def test_lr_schedule():
+    cfg = TrainConfig(learning_rate=1.0, min_lr=0.1, warmup_iters=10, max_iters=110)
+    lrs = [T.get_lr(i, cfg) for i in range(120)]
+    assert lrs[0] == pytest.approx(1 / 11) and lrs[9] == pytest.approx(10 / 11)
+    assert lrs[10] == pytest.approx(1.0) and lrs[60] == pytest.approx(0.55)
+    assert lrs[110] == lrs[119] == 0.1
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+
+
+def test_weight_decay_on_matrices_only():
+    from babyllama.model import PRESETS, Transformer
+
+    opt = T.make_optimizer(Transformer(PRESETS["stories260K"]), TrainConfig())
+    decay, no_decay = opt.param_groups
+    assert all(p.dim() == 2 for p in decay["params"]) and decay["weight_decay"] == 0.1
+    assert all(p.dim() == 1 for p in no_decay["params"]) and no_decay["weight_decay"] == 0.0
+
+
+def test_bf16_autocast_on_cpu(data_dir, tmp_path):
+    train(_cfg(data_dir, tmp_path, max_iters=3, dtype="bfloat16"))
+    assert all(l == l for l in _losses(tmp_path))
+
+
+def test_nan_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
+    real = T.get_lr
+    monkeypatch.setattr(T, "get_lr", lambda it, cfg: 1e30 if it >= 3 else real(it, cfg))
+    with pytest.raises(TrainingError, match=r"loss is (nan|inf).*last good checkpoint"):
+        train(_cfg(data_dir, tmp_path, eval_interval=2, dropout=0.0))
+    state = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert state["iter_num"] in (2, 4)   # the last evaluation whose loss was finite
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_resume_with_a_different_config(data_dir, tmp_path):
+    train(_cfg(data_dir, tmp_path, max_iters=2))
+    with pytest.raises(TrainingError, match="different model config"):
+        train(_cfg(data_dir, tmp_path, preset="book", max_iters=4), resume=True)
+    with pytest.raises(TrainingError, match="no checkpoint"):
+        train(_cfg(data_dir, tmp_path / "empty"), resume=True)
+
+
+def test_missing_shards(tmp_path):
+    with pytest.raises(FileNotFoundError, match="babyllama pretokenize"):
+        train(_cfg(tmp_path, tmp_path / "o"))
+
+
+def test_sigint_saves_and_resume_continues(data_dir, tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "babyllama", "train", "--preset", "stories260K", "--out",
+           str(out), "--data-dir", str(data_dir), "--max-seq-len", "64", "--batch-size", "4",
+           "--max-iters", "100000", "--eval-interval", "0", "--log-interval", "1",
+           "--no-progress"]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        log = out / "log.jsonl"
+        if log.exists() and len(log.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.2)
+    p.send_signal(signal.SIGINT)
+    stdout, _ = p.communicate(timeout=120)
+    assert p.returncode == 130 and "continue with --resume" in stdout
+    state = torch.load(out / "ckpt.pt", weights_only=True)
+    done = state["iter_num"]
+    assert done >= 3
+    # resuming needs only the output directory: the rest comes from the checkpoint
+    resume = [*cmd[:4], "--out", str(out), "--max-iters", str(done + 2), "--resume"]
+    r = subprocess.run(resume, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert torch.load(out / "ckpt.pt", weights_only=True)["iter_num"] == done + 2
