@@ -258,7 +258,8 @@ def test_sanitizers_clean(tmp_path, model_files, data_dir):
 
     def run(model, tokfile=tok):
         r = subprocess.run([str(exe), str(model), "-z", tokfile, "-n", "40", "-s", "3", "-i",
-                            "Once upon a time 🐈"], capture_output=True, text=True, errors="replace",
+                            "Once upon a time 🐈"], capture_output=True, text=True,
+                           errors="replace",
                            env=env)
         assert "Sanitizer" not in r.stderr and "runtime error" not in r.stderr, r.stderr
         return r

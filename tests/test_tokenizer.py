@@ -21,7 +21,8 @@ from hypothesis import strategies as st
 
 LLAMA2_BIN_SHA256 = "50a52ef822ee9e83de5ce9d0be0a025a773d019437f58b5ff9dcafb063ece361"
 EDGE_CASES = ["", " ", "Hello world", "  two leading", "trailing  ", "a\nb\n\n", "\t\r\n",
-              "日本語のテキスト", "中文分词", "emoji 🦙🔥👍🏽 family 👨‍👩‍👧", "\x00\x01\x1f\x7f ctrl",
+              "日本語のテキスト", "中文分词", "emoji 🦙🔥👍🏽 family 👨‍👩‍👧",
+              "\x00\x01\x1f\x7f ctrl",
               "Ünïcödé façade naïve", "12345 3.14159", "<0x41> <s> </s> <unk>", "   \n   ",
               "\u200b\ufeff zero width", "𝔘𝔫𝔦𝔠𝔬𝔡𝔢", "Once upon a time, there was a little cat."]
 

@@ -146,40 +146,26 @@ def cmd_generate(a) -> None:
 
 def cmd_book(a) -> None:
     """The main job: corpus -> tokenizer -> shards -> training -> export -> NumPy and C."""
-    from babyllama.export import write_model
-    from babyllama.model import Transformer
-    from babyllama.tokenizer import Tokenizer, export_tokenizer_bin, train_tokenizer
-    from babyllama.train import TrainConfig, train
+    from babyllama import book
+    from babyllama.tokenizer import Tokenizer
 
-    out = Path(a.out)
-    print("1/6 corpus: the built-in stories")
-    train_docs, val_docs = D.load_corpus("stories", a.data_dir)
-    print(f"    {len(train_docs)} train / {len(val_docs)} validation stories")
-    print(f"2/6 tokenizer: SentencePiece BPE, {a.vocab} pieces")
-    model_path, bin_path = tokenizer_paths(a.vocab, str(out))
-    if not model_path.exists():
-        train_tokenizer(train_docs, model_path.with_suffix(""), a.vocab)
-    export_tokenizer_bin(model_path, bin_path)
-    print("3/6 pretokenize into uint16 shards")
-    bins = D.shard_dir("stories", a.vocab, a.data_dir)
-    if not (bins / "meta.json").exists():
-        D.pretokenize(train_docs, val_docs, model_path, bins)
-    print(f"4/6 train the '{a.preset}' preset ({a.max_iters} iterations)")
-    cfg = TrainConfig(preset=a.preset, out_dir=str(out / a.preset), vocab_size=a.vocab,
-                      max_iters=a.max_iters, data_dir=a.data_dir)
-    ckpt = out / a.preset / "ckpt.pt"
-    if not ckpt.exists() or not a.reuse:
-        ckpt = train(cfg)
-    model = Transformer.from_pretrained(ckpt)
-    print("5/6 export to llama2.c's formats")
-    paths = {v: write_model(model, out / f"{a.preset}_v{v}.bin", version=v) for v in (0, 1, 2)}
-    for v, p in paths.items():
-        print(f"    v{v}: {p} ({p.stat().st_size:,} bytes)")
-    print("6/6 generate")
-    tok = Tokenizer.from_bin(bin_path)
+    p = book.Paths.find()
+    print("1/5 corpus and tokenizer: the built-in stories, a 512-piece BPE vocabulary")
+    book.ensure_tokenizer(p)
+    print("2/5 pretokenize into uint16 shards")
+    book.ensure_shards(p)
+    print(f"3/5 train the 'book' preset ({book.BOOK_ITERS} iterations)")
+    if not a.reuse and p.ckpt.exists():
+        p.ckpt.unlink()
+    book.ensure_model(p)
+    print("4/5 export to llama2.c's formats")
+    for v, path in book.ensure_exports(p).items():
+        print(f"    v{v}: {path} ({path.stat().st_size:,} bytes)")
+    print("5/5 generate")
+    tok = Tokenizer.from_bin(p.tok_bin)
     prompt = tok.encode("Once upon a time", bos=True)
     for name in ("numpy", "c"):
-        engine = load_engine(str(paths[0]), name)
+        engine = load_engine(str(p.model_bin(0)), name)
         t0 = time.perf_counter()
         ids = list(engine.generate(prompt, 256, temperature=0.8, topp=0.9, seed=42))
         dt = time.perf_counter() - t0
@@ -255,13 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=_positive, default=None)
     s.set_defaults(fn=cmd_generate)
 
-    s = sub.add_parser("book", help="the main job: the whole book on the built-in corpus")
-    s.add_argument("--out", default="out")
-    s.add_argument("--data-dir", default=str(D.DATA_DIR))
-    s.add_argument("--vocab", type=_positive, default=512)
-    s.add_argument("--preset", default="book")
-    s.add_argument("--max-iters", type=_positive, default=600)
-    s.add_argument("--reuse", action="store_true", help="reuse an existing checkpoint")
+    s = sub.add_parser("book", help="the main job: the whole book on the built-in corpus, "
+                                    "into out/ beside pyproject.toml")
+    s.add_argument("--reuse", action="store_true", help="reuse an existing out/book/ckpt.pt")
     s.set_defaults(fn=cmd_book)
     return p
 

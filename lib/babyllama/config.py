@@ -27,7 +27,8 @@ class ModelArgs:
             self.n_kv_heads = self.n_heads
         if self.hidden_dim is None:   # SwiGLU has 3 matrices: 2/3 of 4*dim keeps the FLOPs of 2
             hidden = int(2 * 4 * self.dim / 3)
-            self.hidden_dim = self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+            m = self.multiple_of
+            self.hidden_dim = m * ((hidden + m - 1) // m)
         for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim",
                      "max_seq_len"):
             if getattr(self, name) <= 0:

@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import tarfile
 import urllib.error
 import urllib.request
@@ -126,6 +127,7 @@ def unpack(archive: str | Path, out_dir: str | Path) -> Path:
     """Unpack a .tar.gz safely (no absolute paths or `..`); a corrupt archive raises."""
     archive, out_dir = Path(archive), Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".unpacking")
+    shutil.rmtree(tmp, ignore_errors=True)
     try:
         with tarfile.open(archive, "r:*") as tar:
             kwargs = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
@@ -133,7 +135,8 @@ def unpack(archive: str | Path, out_dir: str | Path) -> Path:
     except (tarfile.TarError, EOFError, OSError) as e:
         raise DownloadError(f"{archive} is not a valid archive ({e}); delete it and download "
                             f"again") from e
-    tmp.replace(out_dir) if not out_dir.exists() else None
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.replace(out_dir)
     return out_dir
 
 
@@ -200,7 +203,8 @@ def _encode_shard(args: tuple[str, list[str], str]) -> int:
 
 
 def pretokenize(train: list[str], val: list[str], model_path: str | Path, out_dir: str | Path,
-                shard_stories: int = SHARD_STORIES, workers: int | None = None) -> Path:
+                shard_stories: int = SHARD_STORIES, workers: int | None = None,
+                progress: bool = True) -> Path:
     """Encode stories with a SentencePiece model into out_dir/{train,val}_NNN.bin (uint16)."""
     import sentencepiece as spm
 
@@ -217,7 +221,7 @@ def pretokenize(train: list[str], val: list[str], model_path: str | Path, out_di
     workers = workers or min(len(jobs), os.cpu_count() or 1)
     with ProcessPoolExecutor(workers) as pool:
         total = sum(tqdm(pool.map(_encode_shard, jobs), total=len(jobs), desc="pretokenize",
-                         unit="shard"))
+                         unit="shard", disable=not progress))
     (out_dir / "meta.json").write_text(json.dumps(
         {"vocab_size": vocab_size, "tokens": int(total), "model": str(model_path)}))
     return out_dir

@@ -23,54 +23,66 @@ from pathlib import Path
 # ----------------------------------------------------------------------------------------------
 # word lists: the more there are, the more words the model sees (the corpus has > 1,500 words)
 
-BOYS = """Tom Ben Max Sam Leo Jack Tim Finn Noah Oscar Theo Hugo Milo Luke Adam Eli Owen Jake
-Ryan Dan Liam Ethan Alex Henry Louis Felix Jasper Arthur Oliver Charlie Toby Harry Ollie Zack
-Peter Paul Simon Mark Kevin Bobby Danny Eddie Freddie Georgie Johnny Joey Kyle Lenny Mike Ned
-Ricky Sid Teddy Vince Walter Billy Andy Benny Aaron Brian Carl Dexter Edgar Frank Gus Ivan
-Jonah Kai Leon Marco Nathan Otis Percy Quentin Rex Stan Tony Victor Wesley Xavier Yuri Zane Bruno
-Cyrus Dean Elliot Gabe Hank""".split()
+BOYS = """Tom Ben Max Sam Leo Jack Tim Finn Noah Oscar Theo Hugo Milo Luke Adam Eli Owen Jake Ryan
+Dan Liam Ethan Alex Henry Louis Felix Jasper Arthur Oliver Charlie Toby Harry Ollie Zack
+Peter Paul Simon Mark Kevin Bobby Danny Eddie Freddie Georgie Johnny Joey Kyle Lenny
+Mike Ned Ricky Sid Teddy Vince Walter Billy Andy Benny Aaron Brian Carl Dexter Edgar
+Frank Gus Ivan Jonah Kai Leon Marco Nathan Otis Percy Quentin Rex Stan Tony Victor
+Wesley Xavier Yuri Zane Bruno Cyrus Dean Elliot Gabe Hank""".split()
 GIRLS = """Lily Sue Mia Anna Emma Lucy Sara Zoe Amy Ella Rose Ruby Grace Chloe Daisy Ivy Molly
-Nora Holly Jane Kate Lena Maya Nina Olive Polly Rosie Tess Wendy Clara Bella Hannah Alice Julia
-Sophie Sally Jenny Penny Megan Fiona Gina Heidi Iris Janet Kitty Laura Mandy Nell Pam Rita Tina
-Vera Willa Betty Cathy Dora Elsie Flora Abby Bridget Carmen Delia Edith Freya Greta Hazel
-Ingrid Josie Kara Luna Mabel Nadia Opal Pearl Quinn Rhea Stella Tilly Uma Violet Winnie Yara
-Zelda Ada Bea Cora Dina Eva""".split()
+Nora Holly Jane Kate Lena Maya Nina Olive Polly Rosie Tess Wendy Clara Bella Hannah
+Alice Julia Sophie Sally Jenny Penny Megan Fiona Gina Heidi Iris Janet Kitty Laura
+Mandy Nell Pam Rita Tina Vera Willa Betty Cathy Dora Elsie Flora Abby Bridget Carmen
+Delia Edith Freya Greta Hazel Ingrid Josie Kara Luna Mabel Nadia Opal Pearl Quinn Rhea
+Stella Tilly Uma Violet Winnie Yara Zelda Ada Bea Cora Dina Eva""".split()
 
 # (animal, is it small enough to hold)
 ANIMALS = """cat dog bunny bird duck frog fox bear mouse owl pig cow horse lamb goat puppy kitten
-turtle squirrel deer hedgehog raccoon chick hen rooster donkey pony tiger lion elephant monkey
-giraffe zebra hippo panda koala penguin seal whale dolphin fish crab snail ladybug butterfly bee
-ant beaver otter wolf mole badger robin sparrow parrot swan goose llama camel kangaroo dragon
-unicorn flamingo peacock pelican walrus octopus jellyfish starfish seahorse chipmunk gerbil hamster lizard toad caterpillar moth firefly grasshopper porcupine skunk moose
-bat beetle cricket dove eagle falcon gorilla hummingbird iguana jaguar koi lobster
-meerkat newt ostrich""".split()
+turtle squirrel deer hedgehog raccoon chick hen rooster donkey pony tiger lion
+elephant monkey giraffe zebra hippo panda koala penguin seal whale dolphin fish crab
+snail ladybug butterfly bee ant beaver otter wolf mole badger robin sparrow parrot
+swan goose llama camel kangaroo dragon unicorn flamingo peacock pelican walrus
+octopus jellyfish starfish seahorse chipmunk gerbil hamster lizard toad caterpillar
+moth firefly grasshopper porcupine skunk moose bat beetle cricket dove eagle falcon
+gorilla hummingbird iguana jaguar koi lobster meerkat newt ostrich""".split()
 PEOPLE = """girl boy kid child farmer baker painter sailor builder teacher doctor princess prince
 king queen knight pirate fairy wizard giant clown chef""".split()
 GIRL_ONLY = {"girl", "princess", "queen", "fairy"}
 BOY_ONLY = {"boy", "prince", "king", "wizard"}
 
 ADJECTIVES = """little big happy kind brave shy silly curious gentle friendly clever funny tiny
-sleepy busy proud quiet loud smart sweet cheerful careful playful lazy grumpy lucky polite
-helpful honest fast slow strong young old fluffy cozy bright wise eager jolly calm bold nice
-good tidy messy soft warm cold dizzy fearless generous graceful hopeful humble jumpy merry nosy patient picky plucky rosy shiny snuggly speedy spunky thoughtful tiny wobbly zany chubby fuzzy giggly hungry naughty noisy peaceful""".split()
+sleepy busy proud quiet loud smart sweet cheerful careful playful lazy grumpy
+lucky polite helpful honest fast slow strong young old fluffy cozy bright wise
+eager jolly calm bold nice good tidy messy soft warm cold dizzy fearless generous
+graceful hopeful humble jumpy merry nosy patient picky plucky rosy shiny snuggly
+speedy spunky thoughtful tiny wobbly zany chubby fuzzy giggly hungry naughty noisy
+peaceful""".split()
 OBJ_ADJ = """red blue green yellow purple pink orange white black brown golden silver shiny
-sparkly round soft fuzzy smooth bumpy striped spotted tiny huge heavy light old new pretty
-special magic wooden plastic glass paper velvet woolly crooked enormous glittery dusty muddy squeaky bouncy twinkly""".split()
+sparkly round soft fuzzy smooth bumpy striped spotted tiny huge heavy light old new
+pretty special magic wooden plastic glass paper velvet woolly crooked enormous
+glittery dusty muddy squeaky bouncy twinkly""".split()
 OBJECTS = """ball kite hat balloon book box toy car doll drum bell ring key cup spoon shell stone
-feather flower leaf rock stick boat train truck crayon pencil brush bucket basket blanket pillow
-sock shoe boot scarf mitten button coin jar bottle lamp map whistle puzzle block robot teddy
-bear necklace bracelet crown wand star sticker marble yo-yo kazoo flute guitar piano
-umbrella bag backpack rope ladder wagon bike sled shovel compass telescope lantern trumpet harmonica tambourine rattle pinwheel ribbon locket acorn pinecone pebble seashell rocket spaceship airplane helicopter tractor bulldozer scooter skateboard paintbrush notebook envelope postcard photograph mirror clock watch candle cushion quilt sweater jacket raincoat slipper hammer bottlecap magnet
-binoculars hourglass kaleidoscope accordion xylophone banjo trophy medal globe snowglobe
-teapot saucer ladle thimble yarn spool pinata""".split()
-FOODS = """apple banana cookie cake pie bread cheese carrot grape pear plum cherry berry
-sandwich muffin cupcake pancake soup honey candy lollipop orange peach melon strawberry pizza
-cracker pretzel popcorn noodle egg waffle biscuit dumpling taco burrito omelet yogurt watermelon pineapple coconut mango kiwi lemon lime raisin walnut peanut almond oatmeal porridge jelly donut bagel tomato cucumber potato corn
-broccoli spinach pudding custard gingerbread marshmallow toffee fudge scone
-brownie""".split()
+feather flower leaf rock stick boat train truck crayon pencil brush bucket basket
+blanket pillow sock shoe boot scarf mitten button coin jar bottle lamp map whistle
+puzzle block robot teddy bear necklace bracelet crown wand star sticker marble yo-yo
+kazoo flute guitar piano umbrella bag backpack rope ladder wagon bike sled shovel
+compass telescope lantern trumpet harmonica tambourine rattle pinwheel ribbon locket
+acorn pinecone pebble seashell rocket spaceship airplane helicopter tractor bulldozer
+scooter skateboard paintbrush notebook envelope postcard photograph mirror clock
+watch candle cushion quilt sweater jacket raincoat slipper hammer bottlecap magnet
+binoculars hourglass kaleidoscope accordion xylophone banjo trophy medal globe
+snowglobe teapot saucer ladle thimble yarn spool pinata""".split()
+FOODS = """apple banana cookie cake pie bread cheese carrot grape pear plum cherry berry sandwich
+muffin cupcake pancake soup honey candy lollipop orange peach melon strawberry pizza
+cracker pretzel popcorn noodle egg waffle biscuit dumpling taco burrito omelet yogurt
+watermelon pineapple coconut mango kiwi lemon lime raisin walnut peanut almond oatmeal
+porridge jelly donut bagel tomato cucumber potato corn broccoli spinach pudding custard
+gingerbread marshmallow toffee fudge scone brownie""".split()
 PLACES = """park forest garden beach farm lake river meadow hill town village pond field
-playground school library zoo market castle jungle cave island mountain valley orchard barn
-kitchen backyard street bakery museum circus harbor lighthouse desert swamp greenhouse attic treehouse igloo tent cottage palace windmill carnival aquarium stable pumpkin-patch""".split()
+playground school library zoo market castle jungle cave island mountain valley orchard
+barn kitchen backyard street bakery museum circus harbor lighthouse desert swamp
+greenhouse attic treehouse igloo tent cottage palace windmill carnival aquarium stable
+pumpkin-patch""".split()
 PLACE_ADJ = """quiet sunny green busy small big old cozy peaceful windy shady snowy sleepy
 bustling colorful faraway magical misty""".split()
 SPOTS = """tree bush rock fence bench log flowerbed wall gate stump hedge shed bridge tower
@@ -78,10 +90,14 @@ wheelbarrow haystack signpost mailbox scarecrow fountain""".split()
 FAMILY_F = ["mom", "grandma", "aunt", "big sister"]
 FAMILY_M = ["dad", "grandpa", "uncle", "big brother"]
 ACTIVITIES = """play outside|run in the grass|sing songs|draw pictures|build towers|read
-books|dance in the sun|splash in puddles|climb trees|pick flowers|look at the clouds|play
-hide and seek|ride a bike|fly a kite|bake cookies|jump rope|count the stars|catch bugs|paint
-with bright colors|make sand castles|play the drum|swim in the lake|watch the birds|play tag|roll
-down the hill|collect shells|plant seeds|tell jokes|play with blocks|chase butterflies|juggle oranges|whistle tunes|feed the ducks|knit scarves|hop like a frog|stack pebbles|blow bubbles|skip stones|solve riddles|make mud pies|gather acorns|sweep the porch|water the plants|play hopscotch|write letters|play marbles|watch the sunset""".replace(
+books|dance in the sun|splash in puddles|climb trees|pick flowers|look at the
+clouds|play hide and seek|ride a bike|fly a kite|bake cookies|jump rope|count the
+stars|catch bugs|paint with bright colors|make sand castles|play the drum|swim in
+the lake|watch the birds|play tag|roll down the hill|collect shells|plant
+seeds|tell jokes|play with blocks|chase butterflies|juggle oranges|whistle
+tunes|feed the ducks|knit scarves|hop like a frog|stack pebbles|blow bubbles|skip
+stones|solve riddles|make mud pies|gather acorns|sweep the porch|water the
+plants|play hopscotch|write letters|play marbles|watch the sunset""".replace(
     "\n", " ").split("|")
 FEELINGS_GOOD = """happy glad proud excited thankful cheerful joyful calm relieved delighted
 grateful overjoyed content thrilled""".split()
@@ -89,9 +105,9 @@ FEELINGS_BAD = """sad worried scared upset lonely grumpy confused nervous frustr
 miserable anxious heartbroken disappointed""".split()
 TIMES = ["morning", "afternoon", "evening", "day", "sunny morning", "rainy day", "windy day",
          "cold morning", "warm afternoon", "snowy day", "summer day", "spring morning"]
-ADVERBS = """quickly slowly happily carefully gently quietly loudly softly bravely proudly
-eagerly calmly kindly sadly suddenly bravely cheerfully cautiously clumsily
-curiously gracefully hopefully joyfully nervously patiently politely shyly sleepily swiftly
+ADVERBS = """quickly slowly happily carefully gently quietly loudly softly bravely proudly eagerly
+calmly kindly sadly suddenly bravely cheerfully cautiously clumsily curiously
+gracefully hopefully joyfully nervously patiently politely shyly sleepily swiftly
 thoughtfully wearily boldly merrily""".split()
 SOUNDS = ["a loud bang", "a soft cry", "a funny noise", "a little squeak", "a big splash",
           "a tiny voice", "a sad sniff", "a strange buzz"]
@@ -108,34 +124,36 @@ MORALS = ["friends help each other", "it is good to share", "being kind makes ev
           "a good friend listens", "trying again is how we learn"]
 
 SCENES = """The sun was warm and the sky was blue.|Bees buzzed around the sunflowers.|The wind
-whispered through the tall grass.|Little waves splashed against the sandy shore.|Birds chirped
-in the branches above.|Fresh snow covered the rooftops like a white blanket.|The leaves were
-turning orange, red and gold.|A gentle breeze carried the smell of roses.|Fireflies blinked in
-the twilight.|The morning dew sparkled on every petal.|Puffy clouds drifted across the
-sky.|Frogs croaked near the muddy bank.|The old clock on the wall went tick, tock.|Raindrops
-tapped on the window.|A rainbow stretched over the hills.|The crickets sang their evening
-song.|Pumpkins grew fat and round in the patch.|Icicles hung from the branches.|The tulips
-and daisies swayed in the breeze.|Smoke curled up from the chimney.|Ducks paddled across the
-calm water.|The grass was soft and green.|Thunder rumbled far away.|Moonlight shone on the
-quiet meadow.|Squirrels gathered acorns for the winter.|The market was noisy and
-crowded.|Waterfalls tumbled over mossy stones.|Seagulls squawked above the harbor.|Tall
-pine trees stood like giants.|The bakery smelled of warm bread and cinnamon.|Lanterns glowed
-along the path.|Butterflies fluttered over the clover.|A woodpecker knocked on an oak
-tree.|The pebbles in the stream were smooth and shiny.|Mushrooms popped up after the
-storm.|Berries grew thick on the bramble bushes.|Dragonflies zipped over the reeds.|The
-library was hushed and full of dusty books.|Colorful kites danced high above the beach.|A
-parade marched down the street with drums and trumpets.|Cherry blossoms fell like pink
-snow.|The carnival lights twinkled and the music played.|Cows mooed in the barn and the
-chickens clucked.|Sunflowers turned their faces to the sun.|The fog was thick and
-gray.|Wild strawberries hid under the leaves.|The ice on the pond creaked and
-groaned.|Hot cocoa steamed in big mugs.""".replace("\n", " ").split("|")
-DREAMS = """fly like a bird|sail across the ocean|visit the moon|become a famous
-singer|build a giant castle|find a hidden treasure|ride a real dragon|swim with the
-dolphins|grow the biggest pumpkin|climb the highest mountain|paint a beautiful
-mural|explore a deep cave|win a shiny medal|bake the tallest cake|travel to a faraway
-land|learn to juggle|write a magical poem|play the violin on a stage|discover a new
-planet|make a rocket from cardboard|dig a tunnel to the other side|count every star in
-the sky|invent a flying bicycle|speak with whales|open a toy shop|become a brave
+whispered through the tall grass.|Little waves splashed against the sandy shore.|Birds
+chirped in the branches above.|Fresh snow covered the rooftops like a white
+blanket.|The leaves were turning orange, red and gold.|A gentle breeze carried the
+smell of roses.|Fireflies blinked in the twilight.|The morning dew sparkled on every
+petal.|Puffy clouds drifted across the sky.|Frogs croaked near the muddy bank.|The old
+clock on the wall went tick, tock.|Raindrops tapped on the window.|A rainbow stretched
+over the hills.|The crickets sang their evening song.|Pumpkins grew fat and round in
+the patch.|Icicles hung from the branches.|The tulips and daisies swayed in the
+breeze.|Smoke curled up from the chimney.|Ducks paddled across the calm water.|The
+grass was soft and green.|Thunder rumbled far away.|Moonlight shone on the quiet
+meadow.|Squirrels gathered acorns for the winter.|The market was noisy and
+crowded.|Waterfalls tumbled over mossy stones.|Seagulls squawked above the
+harbor.|Tall pine trees stood like giants.|The bakery smelled of warm bread and
+cinnamon.|Lanterns glowed along the path.|Butterflies fluttered over the clover.|A
+woodpecker knocked on an oak tree.|The pebbles in the stream were smooth and
+shiny.|Mushrooms popped up after the storm.|Berries grew thick on the bramble
+bushes.|Dragonflies zipped over the reeds.|The library was hushed and full of dusty
+books.|Colorful kites danced high above the beach.|A parade marched down the street
+with drums and trumpets.|Cherry blossoms fell like pink snow.|The carnival lights
+twinkled and the music played.|Cows mooed in the barn and the chickens
+clucked.|Sunflowers turned their faces to the sun.|The fog was thick and gray.|Wild
+strawberries hid under the leaves.|The ice on the pond creaked and groaned.|Hot cocoa
+steamed in big mugs.""".replace("\n", " ").split("|")
+DREAMS = """fly like a bird|sail across the ocean|visit the moon|become a famous singer|build a
+giant castle|find a hidden treasure|ride a real dragon|swim with the dolphins|grow the
+biggest pumpkin|climb the highest mountain|paint a beautiful mural|explore a deep
+cave|win a shiny medal|bake the tallest cake|travel to a faraway land|learn to
+juggle|write a magical poem|play the violin on a stage|discover a new planet|make a
+rocket from cardboard|dig a tunnel to the other side|count every star in the
+sky|invent a flying bicycle|speak with whales|open a toy shop|become a brave
 firefighter|run faster than the wind""".replace("\n", " ").split("|")
 
 
@@ -166,7 +184,8 @@ def _character(rng: random.Random, avoid: set[str]) -> Character:
 
 
 def _an(word: str) -> str:
-    vowel = word[0] in "aeiou" and not word.startswith(("uni", "use")) or word.startswith(("honest", "hour"))
+    vowel = word[0] in "aeiou" and not word.startswith(("uni", "use"))
+    vowel = vowel or word.startswith(("honest", "hour"))
     return ("an " if vowel else "a ") + word
 
 
@@ -331,7 +350,7 @@ def _story(rng: random.Random) -> tuple[str, Character, Character]:
     lines = [rng.choice(INTROS)]
     lines += rng.sample(SETTINGS, rng.randint(1, 3))
     lines.append(rng.choice(FINDS))
-    if rng.random() < 0.5 or setup[1].startswith("{AP"):   # friend first, or problem first
+    if rng.random() < 0.5 or "{B" in setup[0] or setup[1].startswith("{AP"):   # who comes first
         lines += [rng.choice(MEETS), *setup, *ask, *helps, *end]
     else:
         lines += [*setup[:1], rng.choice(MEETS), *setup[1:], *ask, *helps, *end]

@@ -89,6 +89,7 @@ def train_tokenizer(docs: Iterable[str], out_prefix: str | Path, vocab_size: int
     out = Path(out_prefix).with_suffix(".model")
     out.parent.mkdir(parents=True, exist_ok=True)
     model = io.BytesIO()
+    spm.set_random_generator_seed(0)   # reproducible sampling and shuffling
     try:
         spm.SentencePieceTrainer.train(
             sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size,

@@ -1,0 +1,117 @@
+"""The book's artifacts, made once and reused: every chapter (and `babyllama book`) calls these.
+
+    from babyllama.book import Paths, ensure_model
+    p = Paths.find()            # out/ beside pyproject.toml, wherever the notebook runs
+    ckpt = ensure_model(p)      # trains the 'book' preset if out/book/ckpt.pt is missing
+
+A chapter run on its own builds what earlier chapters would have built; run in order, each
+reuses the previous chapter's files.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+VOCAB = 512
+BOOK_ITERS = 240           # ~3 minutes on 2 cores
+BOOK_SEED = 0
+
+
+@dataclass(frozen=True)
+class Paths:
+    root: Path
+
+    @classmethod
+    def find(cls, start: Path | None = None) -> Paths:
+        start = (start or Path.cwd()).resolve()
+        for p in (start, *start.parents):
+            if (p / "pyproject.toml").exists() and (p / "lib" / "babyllama").exists():
+                return cls(p)
+        return cls(start)
+
+    @property
+    def out(self) -> Path:
+        return self.root / "out"
+
+    @property
+    def data(self) -> Path:
+        return self.out / "data"
+
+    @property
+    def tok_model(self) -> Path:
+        return self.out / f"tok{VOCAB}.model"
+
+    @property
+    def tok_bin(self) -> Path:
+        return self.out / f"tok{VOCAB}.bin"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.out / "book"
+
+    @property
+    def ckpt(self) -> Path:
+        return self.run_dir / "ckpt.pt"
+
+    def model_bin(self, version: int) -> Path:
+        return self.out / f"book_v{version}.bin"
+
+
+def ensure_tokenizer(p: Paths) -> Path:
+    """Chapter 01's vocabulary: 512 pieces trained on the built-in corpus, and tokenizer.bin."""
+    from babyllama import data as D
+    from babyllama.tokenizer import export_tokenizer_bin, train_tokenizer
+
+    if not p.tok_model.exists():
+        train, _ = D.load_corpus("stories", p.data)
+        train_tokenizer(train, p.tok_model.with_suffix(""), VOCAB)
+    if not p.tok_bin.exists():
+        export_tokenizer_bin(p.tok_model, p.tok_bin)
+    return p.tok_bin
+
+
+def ensure_shards(p: Paths, progress: bool = True) -> Path:
+    from babyllama import data as D
+
+    ensure_tokenizer(p)
+    bins = D.shard_dir("stories", VOCAB, p.data)
+    if not (bins / "meta.json").exists():
+        train, val = D.load_corpus("stories", p.data)
+        D.pretokenize(train, val, p.tok_model, bins, progress=progress)
+    return bins
+
+
+def book_config(p: Paths, **overrides):
+    from babyllama.train import TrainConfig
+
+    cfg = dict(preset="book", out_dir=str(p.run_dir), data_dir=str(p.data), vocab_size=VOCAB,
+               max_iters=BOOK_ITERS, eval_interval=40, eval_iters=8, warmup_iters=30,
+               seed=BOOK_SEED)
+    cfg.update(overrides)
+    return TrainConfig(**cfg)
+
+
+def ensure_model(p: Paths, progress: bool = True) -> Path:
+    """Chapter 03's model: the 'book' preset trained on the built-in corpus."""
+    from babyllama.train import train
+
+    ensure_shards(p, progress)
+    if not p.ckpt.exists():
+        train(book_config(p, progress=progress))
+    return p.ckpt
+
+
+def ensure_exports(p: Paths) -> dict[int, Path]:
+    """Chapter 04's files: the trained model as llama2.c v0, v1 and v2."""
+    from babyllama.export import write_model
+    from babyllama.model import Transformer
+
+    ckpt = ensure_model(p, progress=False)
+    missing = [v for v in (0, 1, 2) if not p.model_bin(v).exists()
+               or p.model_bin(v).stat().st_mtime < ckpt.stat().st_mtime]
+    if missing:
+        model = Transformer.from_pretrained(ckpt)
+        for v in missing:
+            write_model(model, p.model_bin(v), version=v)
+    return {v: p.model_bin(v) for v in (0, 1, 2)}
