@@ -32,7 +32,6 @@ import struct
 
 import matplotlib.pyplot as plt
 import numpy as np
-import torch
 
 from babyllama import book
 from babyllama.export import (
@@ -42,7 +41,6 @@ from babyllama.export import (
     quantize_q80,
     read_header,
     read_model,
-    write_model,
 )
 from babyllama.inference_numpy import NumpyLlama
 from babyllama.model import Transformer

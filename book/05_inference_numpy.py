@@ -63,7 +63,7 @@ def forward_naive(token, pos, cache, keep_attention=None):
     freqs = 1.0 / 10000.0 ** (np.arange(0, hd, 2) / hd)
     cos, sin = np.cos(pos * freqs), np.sin(pos * freqs)
     for l in range(args.n_layers):
-        L = lambda name: w[f"layers.{l}.{name}"]   # noqa: E731
+        L = {k.split(".")[-1]: v for k, v in w.items() if k.startswith(f"layers.{l}.")}.get
         xb = rmsnorm_naive(x, L("attention_norm"))
         q = (L("wq") @ xb).reshape(args.n_heads, hd)
         k = (L("wk") @ xb).reshape(args.n_kv_heads, hd)

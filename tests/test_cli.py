@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+
 from babyllama.stories import generate_stories, read_jsonl
 
 

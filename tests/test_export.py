@@ -7,6 +7,7 @@ import struct
 import numpy as np
 import pytest
 import torch
+
 from babyllama.export import ModelFileError, dequantized, read_model, write_model
 from babyllama.model import ModelArgs, Transformer
 

@@ -10,14 +10,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from babyllama import fast_c
 from babyllama.export import ModelFileError, read_model, write_model
 from babyllama.fast_c import CError, CLlama, CTokenizer
 from babyllama.inference_numpy import NumpyLlama, XorShiftRng
 from babyllama.model import PRESETS, ModelArgs, Transformer
 from babyllama.tokenizer import Tokenizer
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 CSRC = Path(fast_c.__file__).resolve().parents[2] / "csrc"
 

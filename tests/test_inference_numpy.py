@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+
 from babyllama.export import write_model
 from babyllama.inference_numpy import NumpyLlama, XorShiftRng, sample, sample_topp
 from babyllama.model import PRESETS, Transformer

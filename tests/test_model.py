@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+
 from babyllama.checkpoints import CheckpointError, permute_from_hf, permute_to_hf
 from babyllama.model import PRESETS, ModelArgs, Transformer, count_params
 
@@ -193,3 +194,15 @@ def test_not_a_checkpoint(tmp_path):
     (tmp_path / "x.pt").write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="weights-only"):
         Transformer.from_pretrained(tmp_path / "x.pt")
+
+
+@pytest.mark.parametrize("version", [0, 1, 2])
+def test_from_pretrained_reads_llama2c_files(tmp_path, version):
+    from babyllama.export import write_model
+
+    m = _model(SHAPES["gqa"], scale=2.0)
+    back = Transformer.from_pretrained(write_model(m, tmp_path / "m.bin", version=version))
+    x = torch.randint(0, 97, (1, 20))
+    with torch.no_grad():
+        diff = (back(x)[0] - m(x)[0]).abs().max().item()
+    assert diff == 0.0 if version < 2 else diff < 0.05

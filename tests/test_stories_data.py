@@ -14,6 +14,7 @@ import time
 
 import numpy as np
 import pytest
+
 from babyllama import data as D
 from babyllama.stories import generate_stories, iter_stories, read_jsonl, split, write_jsonl
 

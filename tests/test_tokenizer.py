@@ -7,6 +7,9 @@ import struct
 
 import pytest
 import sentencepiece as spm
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from babyllama.tokenizer import (
     Tokenizer,
     TokenizerError,
@@ -16,8 +19,6 @@ from babyllama.tokenizer import (
     sentences,
     train_tokenizer,
 )
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 LLAMA2_BIN_SHA256 = "50a52ef822ee9e83de5ce9d0be0a025a773d019437f58b5ff9dcafb063ece361"
 EDGE_CASES = ["", " ", "Hello world", "  two leading", "trailing  ", "a\nb\n\n", "\t\r\n",

@@ -10,6 +10,7 @@ import time
 
 import pytest
 import torch
+
 from babyllama import train as T
 from babyllama.train import TrainConfig, TrainingError, read_log, train
 

@@ -14,6 +14,7 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -139,6 +140,8 @@ def load(cls, path: Path) -> Transformer:
                                   f"(Hugging Face), params.json (Meta) or ckpt.pt (ours))")
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint")
+    if path.suffix == ".bin" and _is_llama2c(path):
+        return load_llama2c(path)
     ckpt = _torch_load(path)
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
         raise CheckpointError(f"{path}: not a babyllama checkpoint (expected keys 'model' and "
@@ -146,6 +149,32 @@ def load(cls, path: Path) -> Transformer:
     sd = {k.removeprefix("_orig_mod.").removeprefix("module."): v
           for k, v in ckpt["model"].items()}
     return build(ModelArgs.from_dict(ckpt["model_args"]), sd, path)
+
+
+def _is_llama2c(path: Path) -> bool:
+    from babyllama.export import ModelFileError, read_header
+
+    try:
+        read_header(path)
+        return True
+    except ModelFileError:
+        return False
+
+
+def load_llama2c(path: Path) -> Transformer:
+    """A llama2.c model file (v0/v1, or v2 dequantized to fp32)."""
+    from babyllama.export import dequantized, read_model
+
+    args, w = read_model(path)
+    sd = {}
+    for k, v in dequantized(w).items():
+        if k.startswith("layers."):
+            _, l, name = k.split(".")
+            sub = "attention." if name in ("wq", "wk", "wv", "wo") else \
+                "feed_forward." if name in ("w1", "w2", "w3") else ""
+            k = f"layers.{l}.{sub}{name}"
+        sd[k + ".weight"] = torch.from_numpy(np.array(v))
+    return build(args, sd, path, tied=w.shared_classifier)
 
 
 def load_hf(path: Path) -> Transformer:

@@ -113,7 +113,9 @@ def weights_from_torch(model) -> tuple[ModelArgs, dict[str, np.ndarray], bool]:
     """(args, our per-layer names -> fp32 arrays, shared classifier) of a Transformer."""
     sd = {k: v.detach().float().cpu().numpy() for k, v in model.state_dict().items()}
     w = {"tok_embeddings": sd["tok_embeddings.weight"], "norm": sd["norm.weight"],
-         "output": sd["output.weight"]}
+         "output": sd["output.weight"],   # and v0's RoPE tables, as llama2.c writes them:
+         "freq_cis_real": model.freqs_cos.float().numpy(),
+         "freq_cis_imag": model.freqs_sin.float().numpy()}
     for k, v in sd.items():
         if k.startswith("layers."):
             _, l, *_, name, _ = k.split(".")   # layers.3.attention.wq.weight
@@ -144,9 +146,9 @@ def write_model(model, path: str | Path, version: int = 0, group_size: int = 64)
                 head += struct.pack("i", gs) if version == 2 else b""
                 f.write(head.ljust(HEADER_V1, b"\0"))
             names = _tensor_order(version, a.n_layers, shared)
-            if version == 0:   # RoPE tables nobody reads any more, kept for run.c's layout
+            if version == 0 and "freq_cis_real" not in w:   # unused RoPE tables, kept for
                 freqs = 1.0 / a.rope_theta ** (np.arange(0, a.head_dim, 2) / a.head_dim)
-                ang = np.outer(np.arange(a.max_seq_len), freqs)
+                ang = np.outer(np.arange(a.max_seq_len), freqs)   # run.c's layout
                 w = {**w, "freq_cis_real": np.cos(ang), "freq_cis_imag": np.sin(ang)}
             for name in names:
                 arr = np.ascontiguousarray(w[name], dtype=np.float32)
