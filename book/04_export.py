@@ -4,6 +4,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -65,7 +67,8 @@ def hexdump(data: bytes, width: int = 16) -> None:
 raw = files[2].read_bytes()
 hexdump(raw[:48])
 magic, version, *params = struct.unpack_from("<Ii7i", raw, 0)
-print(f"magic {magic:#x} (the ASCII of 'ak42', read as a little-endian uint32), version {version}")
+print(f"magic {magic:#x} = 'ak42' in ASCII, stored little-endian (the bytes read '24ka'), "
+      f"version {version}")
 print(dict(zip(["dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size",
                 "seq_len"], params)))
 print("shared classifier:", raw[36], " group size:", struct.unpack_from("<i", raw, 37)[0])

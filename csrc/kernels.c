@@ -14,6 +14,9 @@
 #include <stddef.h>
 #include <stdint.h>
 
+/* below this many multiply-adds a matmul runs on one thread: forking costs more than it saves */
+#define BL_PARALLEL_MIN (1 << 16)
+
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define BL_AVX2 1
@@ -83,7 +86,7 @@ static float dot1_f32(const float *x, const float *w, int n) {
 void bl_matmul_f32(float *xout, const float *x, const float *w, int n, int d, int threads) {
     int nblocks = d / 4;
     (void)threads;
-#pragma omp parallel for schedule(static) num_threads(threads)
+#pragma omp parallel for schedule(static) num_threads(threads) if ((long)d * n >= BL_PARALLEL_MIN)
     for (int b = 0; b < nblocks; b++) {
         const float *wb = w + (size_t)4 * b * n;
         dot4_f32(xout + 4 * b, x, wb, wb + n, wb + 2 * (size_t)n, wb + 3 * (size_t)n, n);
@@ -96,6 +99,22 @@ static inline int32_t idot(const int8_t *a, const int8_t *b, int gs) {
     int k = 0;
     int32_t s = 0;
 #if defined(BL_AVX2)
+    if (gs % 32 == 0) {
+        /* |a| * sign(b, a) = a * b, with |a| unsigned for maddubs: 32 products per step, pairs
+         * summed to int16 (at most 2 * 127 * 127, no overflow), then to int32 */
+        const __m256i ones = _mm256_set1_epi16(1);
+        __m256i acc = _mm256_setzero_si256();
+        for (; k < gs; k += 32) {
+            __m256i va = _mm256_loadu_si256((const __m256i *)(a + k));
+            __m256i vb = _mm256_loadu_si256((const __m256i *)(b + k));
+            __m256i p16 = _mm256_maddubs_epi16(_mm256_sign_epi8(va, va), _mm256_sign_epi8(vb, va));
+            acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p16, ones));
+        }
+        __m128i v = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
+        v = _mm_add_epi32(v, _mm_shuffle_epi32(v, _MM_SHUFFLE(1, 0, 3, 2)));
+        v = _mm_add_epi32(v, _mm_shuffle_epi32(v, _MM_SHUFFLE(2, 3, 0, 1)));
+        return _mm_cvtsi128_si32(v);
+    }
     if (gs % 16 == 0) {
         __m256i acc = _mm256_setzero_si256();
         for (; k < gs; k += 16) {
@@ -129,7 +148,7 @@ void bl_matmul_q80(float *xout, const bl_qtensor *x, const bl_qtensor *w, int n,
                    int threads) {
     int ngroups = n / gs;
     (void)threads;
-#pragma omp parallel for schedule(static) num_threads(threads)
+#pragma omp parallel for schedule(static) num_threads(threads) if ((long)d * n >= BL_PARALLEL_MIN)
     for (int i = 0; i < d; i++) {
         const int8_t *wq = w->q + (size_t)i * n;
         const float *ws = w->s + (size_t)i * ngroups;

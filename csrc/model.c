@@ -379,7 +379,7 @@ int bl_forward(bl_model *m, int token, int pos, float *out) {
 
         /* attention: each query head h reads KV head h / kv_mul at positions 0..pos */
         int h;
-#pragma omp parallel for private(h) num_threads(m->threads)
+#pragma omp parallel for private(h) num_threads(m->threads) if ((long)(pos + 1) * dim >= 1 << 15)
         for (h = 0; h < c->n_heads; h++) {
             const float *q = m->q + h * head_size;
             double *att = m->att + (size_t)h * c->seq_len;

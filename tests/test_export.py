@@ -120,8 +120,14 @@ def test_v2_layout_and_quantization_bound(tmp_path):
     s = np.frombuffer(raw, "<f4", w_emb.size // gs, off + w_emb.size)
     assert np.allclose(s, np.abs(w_emb).max(1) / 127, rtol=1e-6)
     assert np.array_equal(q, np.round(w_emb / s[:, None]).astype(np.int8))
+    report: dict[str, float] = {}
+    write_model(m, tmp_path / "q2.bin", version=2, report=report)
+    assert len(report) == 1 + 7 * a.n_layers + 1 and max(report.values()) < 1e-3
     _, w = read_model(tmp_path / "q.bin")
     deq = dequantized(w)
+    assert report["layers.1.w2"] == np.abs(deq["layers.1.w2"] -
+                                           m.state_dict()["layers.1.feed_forward.w2.weight"]
+                                           .numpy()).max()
     for k, v in m.state_dict().items():
         name = "layers." + k.split(".")[1] + "." + k.split(".")[-2] if k.startswith("layers") \
             else k.removesuffix(".weight")

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -60,6 +61,22 @@ def test_ddp_two_processes_match_one(data_dir, tmp_path):
     assert max(abs(x - y) for x, y in zip(la, lb)) < 1e-4
     wa, wb = _weights(one), _weights(tmp_path / "two" / "ckpt.pt")
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-4
+
+
+def test_gradient_accumulation_matches_a_bigger_batch(data_dir, tmp_path, monkeypatch):
+    """8 rows in one step == 4 rows x 2 accumulated micro-steps, on the same 8 windows."""
+    rows = np.random.default_rng(0).integers(3, 512, (8, 65))
+
+    def fake_batch(shards, batch_size, seq_len, seed, step):   # micro-step k: rows k*B..
+        r = rows[step * batch_size:(step + 1) * batch_size] if seed == 1337 else rows[:batch_size]
+        return r[:, :seq_len], r[:, 1:seq_len + 1]
+
+    monkeypatch.setattr(T, "get_batch", fake_batch)
+    kw = dict(max_iters=1, lr_decay_iters=1, warmup_iters=0, dropout=0.0, seed=1337)
+    big = _weights(train(_cfg(data_dir, tmp_path / "big", batch_size=8, grad_accum=1, **kw)))
+    acc = _weights(train(_cfg(data_dir, tmp_path / "acc", batch_size=4, grad_accum=2, **kw)))
+    assert max((big[k] - acc[k]).abs().max().item() for k in big) < 1e-6
+    assert abs(_losses(tmp_path / "big")[0] - _losses(tmp_path / "acc")[0]) < 1e-5
 
 
 def test_lr_schedule():

@@ -98,7 +98,10 @@ def cmd_export(a) -> None:
     if a.hf:
         print(f"wrote {model.save_pretrained(a.hf)}")
     elif a.out:
-        print(f"wrote {write_model(model, a.out, version=a.version)}")
+        errors: dict[str, float] = {}
+        print(f"wrote {write_model(model, a.out, version=a.version, report=errors)}")
+        for name, err in sorted(errors.items(), key=lambda kv: -kv[1])[:5]:
+            print(f"    Q8_0 max error {err:.2e}  {name}")
     else:
         raise ValueError("export needs OUT.bin or --hf DIR")
 

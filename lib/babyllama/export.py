@@ -123,8 +123,11 @@ def weights_from_torch(model) -> tuple[ModelArgs, dict[str, np.ndarray], bool]:
     return model.params, w, bool(model.shared_classifier)
 
 
-def write_model(model, path: str | Path, version: int = 0, group_size: int = 64) -> Path:
-    """Write a Transformer (or a tuple (args, weights, shared) of NumPy arrays) to `path`."""
+def write_model(model, path: str | Path, version: int = 0, group_size: int = 64,
+                report: dict[str, float] | None = None) -> Path:
+    """Write a Transformer (or a tuple (args, weights, shared) of NumPy arrays) to `path`.
+
+    For v2, pass a dict as `report` to receive each matrix's maximum quantization error."""
     if version not in (0, 1, 2):
         raise ValueError(f"unsupported llama2.c format version {version}: expected 0, 1 or 2")
     a, w, shared = model if isinstance(model, tuple) else weights_from_torch(model)
@@ -155,7 +158,9 @@ def write_model(model, path: str | Path, version: int = 0, group_size: int = 64)
                 if arr.shape != _shape(name, a):
                     raise ValueError(f"{name}: expected shape {_shape(name, a)}, got {arr.shape}")
                 if version == 2 and arr.ndim == 2:
-                    q, s, _ = quantize_q80(arr, gs)
+                    q, s, err = quantize_q80(arr, gs)
+                    if report is not None:
+                        report[name] = err
                     f.write(q.tobytes())
                     f.write(s.tobytes())
                 else:
