@@ -321,6 +321,17 @@ static void rmsnorm(float *o, const float *x, const float *weight, int n) {
     for (int j = 0; j < n; j++) o[j] = (float)(weight[j] * (ss * x[j]));
 }
 
+/* q . k in double with four independent partial sums (one long chain of dependent adds
+ * would leave the FPU waiting on each add's latency) */
+static double dot_d(const float *q, const float *k, int n) {
+    double s[4] = {0.0, 0.0, 0.0, 0.0};
+    int i = 0;
+    for (; i + 4 <= n; i += 4)
+        for (int j = 0; j < 4; j++) s[j] += (double)q[i + j] * k[i + j];
+    for (; i < n; i++) s[0] += (double)q[i] * k[i];
+    return (s[0] + s[1]) + (s[2] + s[3]);
+}
+
 /* softmax of x (n,) in double, in place */
 static void softmax_d(double *x, int n) {
     double max = x[0], sum = 0.0;
@@ -385,9 +396,7 @@ int bl_forward(bl_model *m, int token, int pos, float *out) {
             double *att = m->att + (size_t)h * c->seq_len;
             for (int t = 0; t <= pos; t++) {
                 const float *kt = m->key_cache + loff + (size_t)t * kv_dim + (h / kv_mul) * head_size;
-                double score = 0.0;
-                for (int i = 0; i < head_size; i++) score += (double)q[i] * kt[i];
-                att[t] = score / sqrt((double)head_size);
+                att[t] = dot_d(q, kt, head_size) / sqrt((double)head_size);
             }
             softmax_d(att, pos + 1);
             double *acc = m->acc + h * head_size;
