@@ -321,6 +321,39 @@ static void rmsnorm(float *o, const float *x, const float *weight, int n) {
     for (int j = 0; j < n; j++) o[j] = (float)(weight[j] * (ss * x[j]));
 }
 
+/* exp(x) in double for x <= 0 (softmax and silu inputs are shifted to be), branch-free so that
+ * the loops calling it vectorize: x = k ln2 + r with |r| <= ln2/2 (ln2 split in two parts for
+ * an exact reduction), exp(r) by its Taylor series to r^13 (error below 1e-16), times 2^k
+ * built in the exponent bits. Within 2 ulp of a correctly rounded exp, like libm's and
+ * NumPy's, so the float32 results it feeds round the same way in C and in NumPy. */
+static inline double exp_neg(double x) {
+    x = x < -708.0 ? -708.0 : x;   /* exp(-708) ~ 3e-308: below that, 0 for our purposes */
+    double k = nearbyint(x * 1.4426950408889634);   /* nearest integer (vectorizes) */
+    double r = (x - k * 6.93147180369123816490e-01) - k * 1.90821492927058770002e-10;
+    double p = 1.0 / 6227020800.0;   /* 1/13!, then Horner down to 1/0! */
+    p = p * r + 1.0 / 479001600.0;
+    p = p * r + 1.0 / 39916800.0;
+    p = p * r + 1.0 / 3628800.0;
+    p = p * r + 1.0 / 362880.0;
+    p = p * r + 1.0 / 40320.0;
+    p = p * r + 1.0 / 5040.0;
+    p = p * r + 1.0 / 720.0;
+    p = p * r + 1.0 / 120.0;
+    p = p * r + 1.0 / 24.0;
+    p = p * r + 1.0 / 6.0;
+    p = p * r + 0.5;
+    p = p * r + 1.0;
+    p = p * r + 1.0;
+    /* 2^k: k + 1.5 * 2^52 holds k in its low mantissa bits; move k + 1023 to the exponent */
+    double t = k + 6755399441055744.0;
+    int64_t bits;
+    memcpy(&bits, &t, sizeof bits);
+    bits = (bits - 0x4338000000000000LL + 1023) << 52;
+    double scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+
 /* q . k in double with four independent partial sums (one long chain of dependent adds
  * would leave the FPU waiting on each add's latency) */
 static double dot_d(const float *q, const float *k, int n) {
@@ -336,7 +369,8 @@ static double dot_d(const float *q, const float *k, int n) {
 static void softmax_d(double *x, int n) {
     double max = x[0], sum = 0.0;
     for (int i = 1; i < n; i++) if (x[i] > max) max = x[i];
-    for (int i = 0; i < n; i++) { x[i] = exp(x[i] - max); sum += x[i]; }
+    for (int i = 0; i < n; i++) x[i] = exp_neg(x[i] - max);
+    for (int i = 0; i < n; i++) sum += x[i];
     for (int i = 0; i < n; i++) x[i] /= sum;
 }
 
@@ -394,9 +428,10 @@ int bl_forward(bl_model *m, int token, int pos, float *out) {
         for (h = 0; h < c->n_heads; h++) {
             const float *q = m->q + h * head_size;
             double *att = m->att + (size_t)h * c->seq_len;
+            const double sqrt_hs = sqrt((double)head_size);
             for (int t = 0; t <= pos; t++) {
                 const float *kt = m->key_cache + loff + (size_t)t * kv_dim + (h / kv_mul) * head_size;
-                att[t] = dot_d(q, kt, head_size) / sqrt((double)head_size);
+                att[t] = dot_d(q, kt, head_size) / sqrt_hs;
             }
             softmax_d(att, pos + 1);
             double *acc = m->acc + h * head_size;
@@ -415,8 +450,9 @@ int bl_forward(bl_model *m, int token, int pos, float *out) {
         matmul(m, m->hb, m->xb, &w->w1, dim, hidden_dim);
         matmul(m, m->hb2, m->xb, &w->w3, dim, hidden_dim);
         for (int i = 0; i < hidden_dim; i++) {
-            double val = m->hb[i];
-            m->hb[i] = (float)(val / (1.0 + exp(-val)) * m->hb2[i]);
+            double val = m->hb[i];   /* silu(v) = v / (1 + e^-v), e^-v = 1 / e^v for v < 0 */
+            double e = val < 0 ? 1.0 / exp_neg(val) : exp_neg(-val);
+            m->hb[i] = (float)(val / (1.0 + e) * m->hb2[i]);
         }
         matmul(m, m->xb, m->hb, &w->w2, hidden_dim, dim);
         for (int i = 0; i < dim; i++) x[i] += m->xb[i];
