@@ -369,9 +369,14 @@ static double dot_d(const float *q, const float *k, int n) {
 static void softmax_d(double *x, int n) {
     double max = x[0], sum = 0.0;
     for (int i = 1; i < n; i++) if (x[i] > max) max = x[i];
-    for (int i = 0; i < n; i++) x[i] = exp_neg(x[i] - max);
-    for (int i = 0; i < n; i++) sum += x[i];
-    for (int i = 0; i < n; i++) x[i] /= sum;
+    double part[4] = {0.0, 0.0, 0.0, 0.0};   /* independent partial sums, as in dot_d */
+    int i = 0;
+    for (i = 0; i < n; i++) x[i] = exp_neg(x[i] - max);
+    for (i = 0; i + 4 <= n; i += 4)
+        for (int j = 0; j < 4; j++) part[j] += x[i + j];
+    for (; i < n; i++) part[0] += x[i];
+    sum = (part[0] + part[1]) + (part[2] + part[3]);
+    for (i = 0; i < n; i++) x[i] /= sum;
 }
 
 /* xout (d,) = W (d, n) @ x (n,): fp32, or quantize x then Q8_0 */

@@ -178,6 +178,8 @@ class NumpyLlama:
         self.key_cache[:] = 0
         self.value_cache[:] = 0
 
+    sample = staticmethod(sample)   # run.c's sampler; CLlama brings the C one
+
     def matmul(self, x: np.ndarray, name: str) -> np.ndarray:
         """x (T, n) @ W^T for W (d, n) named `name`, fp32 or Q8_0."""
         w = self.w[name]
@@ -238,7 +240,8 @@ class NumpyLlama:
 
 def generate_loop(engine, prompt_ids: list[int], steps: int, temperature: float, topp: float,
                   seed: int | None) -> Iterator[int]:
-    """The loop both engines share: prompt in one batched forward, then sample token by token."""
+    """The loop both engines share: the prompt in one forward_tokens call, then one token at a
+    time, each drawn with the engine's own sampler."""
     check_sampling(temperature, topp)
     seq_len = engine.args.max_seq_len
     if not prompt_ids:
@@ -255,7 +258,7 @@ def generate_loop(engine, prompt_ids: list[int], steps: int, temperature: float,
     logits = engine.forward_tokens(prompt_ids, 0)[-1]
     pos = n
     while True:
-        nxt = sample(logits, temperature, topp, rng)
+        nxt = engine.sample(logits, temperature, topp, rng)
         if nxt in (BOS, EOS):
             return
         yield nxt
