@@ -11,7 +11,9 @@
 #include "kernels.h"
 
 #include <math.h>
+#include <stdarg.h>
 #include <stddef.h>
+#include <stdio.h>
 #include <stdint.h>
 
 /* below this many multiply-adds a matmul runs on one thread: forking costs more than it saves */
@@ -176,4 +178,14 @@ void bl_quantize(int8_t *q, float *s, const float *x, int n, int gs) {
             q[(size_t)g * gs + k] = scale == 0.0f ? 0 : (int8_t)round(xg[k] / scale);
         }
     }
+}
+
+int bl_fail(char *err, size_t len, int code, const char *fmt, ...) {
+    if (err && len) {
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(err, len, fmt, ap);
+        va_end(ap);
+    }
+    return code;
 }

@@ -1,8 +1,16 @@
-/* kernels.h: the hot loops of the forward pass (kernels.c): SIMD where the CPU has it. */
+/* kernels.h: the library's internals: the hot loops of the forward pass (kernels.c), SIMD
+ * where the CPU has it, and the error helper every file uses. */
 #ifndef BABYLLAMA_KERNELS_H
 #define BABYLLAMA_KERNELS_H
 
+#include <stddef.h>
 #include <stdint.h>
+
+/* format an error message into err[len] (when err is not NULL) and return `code` */
+#if defined(__GNUC__)
+__attribute__((format(printf, 4, 5)))
+#endif
+int bl_fail(char *err, size_t len, int code, const char *fmt, ...);
 
 /* a quantized vector or matrix: int8 values q and one fp32 scale per group of gs values */
 typedef struct {

@@ -12,7 +12,6 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <math.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -67,16 +66,6 @@ struct bl_model {
     char err[512];
 };
 
-static int fail(char *err, size_t len, int code, const char *fmt, ...) {
-    if (err && len) {
-        va_list ap;
-        va_start(ap, fmt);
-        vsnprintf(err, len, fmt, ap);
-        va_end(ap);
-    }
-    return code;
-}
-
 const char *bl_model_error(const bl_model *m) { return m ? m->err : "no model"; }
 
 int bl_model_config(const bl_model *m, int32_t *out) {
@@ -101,16 +90,16 @@ static int parse_header(const unsigned char *p, size_t size, Config *c, size_t *
                         char *err, size_t errlen) {
     int32_t h[7];
     uint32_t magic = 0;
-    if (size < 28) return fail(err, errlen, BL_ERR_FORMAT, "truncated: %zu bytes, a header needs at least 28", size);
+    if (size < 28) return bl_fail(err, errlen, BL_ERR_FORMAT, "truncated: %zu bytes, a header needs at least 28", size);
     memcpy(&magic, p, 4);
     if (magic == MAGIC) {
-        if (size < HEADER_V1) return fail(err, errlen, BL_ERR_FORMAT, "truncated header: %zu bytes, expected %d", size, HEADER_V1);
+        if (size < HEADER_V1) return bl_fail(err, errlen, BL_ERR_FORMAT, "truncated header: %zu bytes, expected %d", size, HEADER_V1);
         memcpy(&c->version, p + 4, 4);
         if (c->version != 1 && c->version != 2)
-            return fail(err, errlen, BL_ERR_FORMAT, "offset 4: unsupported version %d, expected 1 or 2", c->version);
+            return bl_fail(err, errlen, BL_ERR_FORMAT, "offset 4: unsupported version %d, expected 1 or 2", c->version);
         memcpy(h, p + 8, sizeof h);
         c->shared = p[36];
-        if (c->shared > 1) return fail(err, errlen, BL_ERR_FORMAT, "offset 36: shared-classifier flag %d, expected 0 or 1", c->shared);
+        if (c->shared > 1) return bl_fail(err, errlen, BL_ERR_FORMAT, "offset 36: shared-classifier flag %d, expected 0 or 1", c->shared);
         c->group_size = 0;
         if (c->version == 2) memcpy(&c->group_size, p + 37, 4);
         *header = HEADER_V1;
@@ -125,15 +114,15 @@ static int parse_header(const unsigned char *p, size_t size, Config *c, size_t *
     static const char *names[7] = {"dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "seq_len"};
     for (int i = 0; i < 7; i++)
         if (h[i] <= 0 || h[i] > MAX_DIM)
-            return fail(err, errlen, BL_ERR_FORMAT, "offset %d: %s = %d is not a plausible value",
+            return bl_fail(err, errlen, BL_ERR_FORMAT, "offset %d: %s = %d is not a plausible value",
                         (c->version ? 8 : 0) + 4 * i, names[i], h[i]);
     c->dim = h[0]; c->hidden_dim = h[1]; c->n_layers = h[2]; c->n_heads = h[3];
     c->n_kv_heads = h[4]; c->vocab_size = h[5]; c->seq_len = h[6];
     if (c->dim % c->n_heads || c->n_heads % c->n_kv_heads || (c->dim / c->n_heads) % 2)
-        return fail(err, errlen, BL_ERR_FORMAT, "inconsistent header: dim %d, n_heads %d, n_kv_heads %d",
+        return bl_fail(err, errlen, BL_ERR_FORMAT, "inconsistent header: dim %d, n_heads %d, n_kv_heads %d",
                     c->dim, c->n_heads, c->n_kv_heads);
     if (c->version == 2 && (c->group_size <= 0 || c->dim % c->group_size || c->hidden_dim % c->group_size))
-        return fail(err, errlen, BL_ERR_FORMAT, "offset 37: group size %d does not divide dim %d and hidden_dim %d",
+        return bl_fail(err, errlen, BL_ERR_FORMAT, "offset 37: group size %d does not divide dim %d and hidden_dim %d",
                     c->group_size, c->dim, c->hidden_dim);
     return BL_OK;
 }
@@ -177,7 +166,7 @@ static int map_weights(bl_model *m) {
     const unsigned char *p = (const unsigned char *)m->map + (c->version ? HEADER_V1 : 28);
     Mat emb = {0};
     m->layers = calloc(L, sizeof(Layer));
-    if (!m->layers) return fail(m->err, sizeof m->err, BL_ERR_NOMEM, "out of memory");
+    if (!m->layers) return bl_fail(m->err, sizeof m->err, BL_ERR_NOMEM, "out of memory");
     if (c->version == 0) {   /* run.c's order: embeddings, then each kind for all layers */
         take_mat(c, &p, &emb, V * dim);
         for (size_t l = 0; l < L; l++) take_f32(&p, &m->layers[l].attention_norm, dim);
@@ -204,7 +193,7 @@ static int map_weights(bl_model *m) {
     else take_mat(c, &p, &m->output, V * dim);
     if (c->version == 2) {   /* runq.c keeps an fp32 copy of the embeddings to look rows up */
         m->tok_embeddings = malloc(V * dim * sizeof(float));
-        if (!m->tok_embeddings) return fail(m->err, sizeof m->err, BL_ERR_NOMEM, "out of memory");
+        if (!m->tok_embeddings) return bl_fail(m->err, sizeof m->err, BL_ERR_NOMEM, "out of memory");
         m->owns_embeddings = 1;
         size_t gs = c->group_size;
         for (size_t i = 0; i < V * dim; i++) m->tok_embeddings[i] = emb.q.q[i] * emb.q.s[i / gs];
@@ -236,19 +225,19 @@ static int alloc_state(bl_model *m) {
     m->probs = calloc(c->vocab_size, sizeof(float));
     if (!m->x || !m->xb || !m->xb2 || !m->hb || !m->hb2 || !m->q || !m->att || !m->acc || !m->logits ||
         !m->xq_q || !m->xq_s || !m->key_cache || !m->value_cache || !m->probindex || !m->probs)
-        return fail(m->err, sizeof m->err, BL_ERR_NOMEM, "out of memory for the KV cache and activations");
+        return bl_fail(m->err, sizeof m->err, BL_ERR_NOMEM, "out of memory for the KV cache and activations");
     return BL_OK;
 }
 
 int bl_model_open(const char *path, int threads, bl_model **out, char *err, size_t errlen) {
-    if (!path || !out) return fail(err, errlen, BL_ERR_ARG, "null argument");
+    if (!path || !out) return bl_fail(err, errlen, BL_ERR_ARG, "null argument");
     *out = NULL;
     int fd = open(path, O_RDONLY);
-    if (fd < 0) return fail(err, errlen, BL_ERR_IO, "%s: cannot open: %s", path, strerror(errno));
+    if (fd < 0) return bl_fail(err, errlen, BL_ERR_IO, "%s: cannot open: %s", path, strerror(errno));
     struct stat st;
     if (fstat(fd, &st) != 0) {
         close(fd);
-        return fail(err, errlen, BL_ERR_IO, "%s: cannot stat: %s", path, strerror(errno));
+        return bl_fail(err, errlen, BL_ERR_IO, "%s: cannot stat: %s", path, strerror(errno));
     }
     size_t size = (size_t)st.st_size;
     unsigned char head[HEADER_V1] = {0};
@@ -260,27 +249,27 @@ int bl_model_open(const char *path, int threads, bl_model **out, char *err, size
     if (rc == BL_OK) {
         size_t want = header + payload_size(&c);
         if (want != size)
-            rc = fail(msg, sizeof msg, BL_ERR_FORMAT, "the header describes a %zu-byte file (v%d), but the file has %zu bytes%s",
+            rc = bl_fail(msg, sizeof msg, BL_ERR_FORMAT, "the header describes a %zu-byte file (v%d), but the file has %zu bytes%s",
                       want, c.version, size, size < want ? " (truncated?)" : "");
     }
     if (rc != BL_OK) {
         close(fd);
-        return fail(err, errlen, rc, "%s: %s", path, msg);
+        return bl_fail(err, errlen, rc, "%s: %s", path, msg);
     }
     void *map = mmap(NULL, size, PROT_READ, MAP_PRIVATE, fd, 0);
     close(fd);
-    if (map == MAP_FAILED) return fail(err, errlen, BL_ERR_IO, "%s: mmap failed: %s", path, strerror(errno));
+    if (map == MAP_FAILED) return bl_fail(err, errlen, BL_ERR_IO, "%s: mmap failed: %s", path, strerror(errno));
     bl_model *m = calloc(1, sizeof *m);
     if (!m) {
         munmap(map, size);
-        return fail(err, errlen, BL_ERR_NOMEM, "out of memory");
+        return bl_fail(err, errlen, BL_ERR_NOMEM, "out of memory");
     }
     m->c = c;
     m->map = map;
     m->map_size = size;
     m->threads = threads > 0 ? threads : 1;
     if ((rc = map_weights(m)) != BL_OK || (rc = alloc_state(m)) != BL_OK) {
-        fail(err, errlen, rc, "%s: %s", path, m->err);
+        bl_fail(err, errlen, rc, "%s: %s", path, m->err);
         bl_model_close(m);
         return rc;
     }
@@ -394,9 +383,9 @@ int bl_forward(bl_model *m, int token, int pos, float *out) {
     if (!m) return BL_ERR_ARG;
     const Config *c = &m->c;
     if (token < 0 || token >= c->vocab_size)
-        return fail(m->err, sizeof m->err, BL_ERR_ARG, "token id %d outside the vocabulary [0, %d)", token, c->vocab_size);
+        return bl_fail(m->err, sizeof m->err, BL_ERR_ARG, "token id %d outside the vocabulary [0, %d)", token, c->vocab_size);
     if (pos < 0 || pos >= c->seq_len)
-        return fail(m->err, sizeof m->err, BL_ERR_ARG, "position %d outside the context [0, %d)", pos, c->seq_len);
+        return bl_fail(m->err, sizeof m->err, BL_ERR_ARG, "position %d outside the context [0, %d)", pos, c->seq_len);
     int dim = c->dim, hidden_dim = c->hidden_dim, head_size = dim / c->n_heads;
     int kv_dim = c->n_kv_heads * head_size, kv_mul = c->n_heads / c->n_kv_heads;
     float *x = m->x;
@@ -511,8 +500,8 @@ int bl_sample(bl_model *m, const float *logits, float temperature, float topp,
               uint64_t *rng_state, int *token) {
     if (!m || !logits || !rng_state || !token) return BL_ERR_ARG;
     int n = m->c.vocab_size;
-    if (!(temperature >= 0.0f)) return fail(m->err, sizeof m->err, BL_ERR_ARG, "temperature must be >= 0, got %g", temperature);
-    if (!(topp > 0.0f && topp <= 1.0f)) return fail(m->err, sizeof m->err, BL_ERR_ARG, "topp must be in (0, 1], got %g", topp);
+    if (!(temperature >= 0.0f)) return bl_fail(m->err, sizeof m->err, BL_ERR_ARG, "temperature must be >= 0, got %g", temperature);
+    if (!(topp > 0.0f && topp <= 1.0f)) return bl_fail(m->err, sizeof m->err, BL_ERR_ARG, "topp must be in (0, 1], got %g", topp);
     if (temperature == 0.0f) {
         int best = 0;
         for (int i = 1; i < n; i++) if (logits[i] > logits[best]) best = i;
@@ -547,12 +536,12 @@ int bl_generate(bl_model *m, const int *prompt, int n_prompt, int steps, float t
     const Config *c = &m->c;
     int count = 0, rc, next;
     if (n_generated) *n_generated = 0;
-    if (n_prompt < 1) return fail(m->err, sizeof m->err, BL_ERR_ARG, "the prompt needs at least one token (BOS = 1)");
+    if (n_prompt < 1) return bl_fail(m->err, sizeof m->err, BL_ERR_ARG, "the prompt needs at least one token (BOS = 1)");
     if (n_prompt > c->seq_len)
-        return fail(m->err, sizeof m->err, BL_ERR_ARG, "prompt of %d tokens is longer than the context (%d)", n_prompt, c->seq_len);
-    if (seed == 0) return fail(m->err, sizeof m->err, BL_ERR_ARG, "seed must be nonzero (xorshift would repeat 0 forever)");
-    if (!(temperature >= 0.0f)) return fail(m->err, sizeof m->err, BL_ERR_ARG, "temperature must be >= 0, got %g", temperature);
-    if (!(topp > 0.0f && topp <= 1.0f)) return fail(m->err, sizeof m->err, BL_ERR_ARG, "topp must be in (0, 1], got %g", topp);
+        return bl_fail(m->err, sizeof m->err, BL_ERR_ARG, "prompt of %d tokens is longer than the context (%d)", n_prompt, c->seq_len);
+    if (seed == 0) return bl_fail(m->err, sizeof m->err, BL_ERR_ARG, "seed must be nonzero (xorshift would repeat 0 forever)");
+    if (!(temperature >= 0.0f)) return bl_fail(m->err, sizeof m->err, BL_ERR_ARG, "temperature must be >= 0, got %g", temperature);
+    if (!(topp > 0.0f && topp <= 1.0f)) return bl_fail(m->err, sizeof m->err, BL_ERR_ARG, "topp must be in (0, 1], got %g", topp);
     if (steps > c->seq_len) steps = c->seq_len;
     uint64_t rng = seed;
     bl_reset(m);
@@ -564,7 +553,7 @@ int bl_generate(bl_model *m, const int *prompt, int n_prompt, int steps, float t
         if (next == 1 || next == 2) break;   /* BOS or EOS: the story is over */
         count++;
         if (n_generated) *n_generated = count;
-        if (cb && cb(next, user)) return fail(m->err, sizeof m->err, BL_ERR_STOPPED, "stopped by the callback");
+        if (cb && cb(next, user)) return bl_fail(m->err, sizeof m->err, BL_ERR_STOPPED, "stopped by the callback");
         if (pos >= steps) break;
         if ((rc = bl_forward(m, next, pos, m->logits)) != BL_OK) return rc;
     }

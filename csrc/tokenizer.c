@@ -5,9 +5,9 @@
  */
 #define _POSIX_C_SOURCE 200809L
 #include "babyllama.h"
+#include "kernels.h"
 
 #include <errno.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -29,16 +29,6 @@ struct bl_tokenizer {
     char err[512];
 };
 
-static int tfail(char *err, size_t len, int code, const char *fmt, ...) {
-    if (err && len) {
-        va_list ap;
-        va_start(ap, fmt);
-        vsnprintf(err, len, fmt, ap);
-        va_end(ap);
-    }
-    return code;
-}
-
 const char *bl_tokenizer_error(const bl_tokenizer *t) { return t ? t->err : "no tokenizer"; }
 int bl_tokenizer_vocab_size(const bl_tokenizer *t) { return t ? t->vocab_size : -1; }
 
@@ -56,18 +46,18 @@ void bl_tokenizer_close(bl_tokenizer *t) {
 
 /* vocab_size <= 0: read records up to the end of the file */
 int bl_tokenizer_open(const char *path, int vocab_size, bl_tokenizer **out, char *err, size_t errlen) {
-    if (!path || !out) return tfail(err, errlen, BL_ERR_ARG, "null argument");
+    if (!path || !out) return bl_fail(err, errlen, BL_ERR_ARG, "null argument");
     *out = NULL;
     FILE *f = fopen(path, "rb");
-    if (!f) return tfail(err, errlen, BL_ERR_IO, "%s: cannot open: %s", path, strerror(errno));
-    if (fseek(f, 0, SEEK_END) != 0) { fclose(f); return tfail(err, errlen, BL_ERR_IO, "%s: cannot seek", path); }
+    if (!f) return bl_fail(err, errlen, BL_ERR_IO, "%s: cannot open: %s", path, strerror(errno));
+    if (fseek(f, 0, SEEK_END) != 0) { fclose(f); return bl_fail(err, errlen, BL_ERR_IO, "%s: cannot seek", path); }
     long fsize = ftell(f);
     rewind(f);
     unsigned char *data = fsize > 0 ? malloc((size_t)fsize) : NULL;
     if (fsize < 4 || !data || fread(data, 1, (size_t)fsize, f) != (size_t)fsize) {
         free(data);
         fclose(f);
-        return tfail(err, errlen, BL_ERR_FORMAT, "%s: truncated: %ld bytes, expected at least a 4-byte header", path, fsize);
+        return bl_fail(err, errlen, BL_ERR_FORMAT, "%s: truncated: %ld bytes, expected at least a 4-byte header", path, fsize);
     }
     fclose(f);
     size_t size = (size_t)fsize, off = 4;
@@ -75,9 +65,9 @@ int bl_tokenizer_open(const char *path, int vocab_size, bl_tokenizer **out, char
     memcpy(&max_len, data, 4);
     int rc = BL_OK;
     bl_tokenizer *t = calloc(1, sizeof *t);
-    if (!t) { free(data); return tfail(err, errlen, BL_ERR_NOMEM, "out of memory"); }
+    if (!t) { free(data); return bl_fail(err, errlen, BL_ERR_NOMEM, "out of memory"); }
     if (max_len <= 0 || max_len > (1 << 16)) {
-        rc = tfail(err, errlen, BL_ERR_FORMAT, "%s: offset 0: max_token_length %d is not plausible", path, max_len);
+        rc = bl_fail(err, errlen, BL_ERR_FORMAT, "%s: offset 0: max_token_length %d is not plausible", path, max_len);
         goto done;
     }
     t->max_token_length = max_len;
@@ -85,26 +75,26 @@ int bl_tokenizer_open(const char *path, int vocab_size, bl_tokenizer **out, char
     t->vocab = calloc(cap, sizeof(char *));
     t->lengths = calloc(cap, sizeof(int));
     t->scores = calloc(cap, sizeof(float));
-    if (!t->vocab || !t->lengths || !t->scores) { rc = tfail(err, errlen, BL_ERR_NOMEM, "out of memory"); goto done; }
+    if (!t->vocab || !t->lengths || !t->scores) { rc = bl_fail(err, errlen, BL_ERR_NOMEM, "out of memory"); goto done; }
     while (off < size && (vocab_size <= 0 || n < vocab_size)) {
         float score;
         int32_t len;
         if (off + 8 > size) {
-            rc = tfail(err, errlen, BL_ERR_FORMAT, "%s: offset %zu: truncated record header for token %d (need 8 bytes, have %zu)", path, off, n, size - off);
+            rc = bl_fail(err, errlen, BL_ERR_FORMAT, "%s: offset %zu: truncated record header for token %d (need 8 bytes, have %zu)", path, off, n, size - off);
             goto done;
         }
         memcpy(&score, data + off, 4);
         memcpy(&len, data + off + 4, 4);
         if (len < 0 || len > max_len) {
-            rc = tfail(err, errlen, BL_ERR_FORMAT, "%s: offset %zu: token %d has length %d, expected 0..%d", path, off + 4, n, len, max_len);
+            rc = bl_fail(err, errlen, BL_ERR_FORMAT, "%s: offset %zu: token %d has length %d, expected 0..%d", path, off + 4, n, len, max_len);
             goto done;
         }
         if (score != score) {
-            rc = tfail(err, errlen, BL_ERR_FORMAT, "%s: offset %zu: token %d has a NaN score", path, off, n);
+            rc = bl_fail(err, errlen, BL_ERR_FORMAT, "%s: offset %zu: token %d has a NaN score", path, off, n);
             goto done;
         }
         if (off + 8 + (size_t)len > size) {
-            rc = tfail(err, errlen, BL_ERR_FORMAT, "%s: offset %zu: token %d needs %d bytes, only %zu left", path, off + 8, n, len, size - off - 8);
+            rc = bl_fail(err, errlen, BL_ERR_FORMAT, "%s: offset %zu: token %d needs %d bytes, only %zu left", path, off + 8, n, len, size - off - 8);
             goto done;
         }
         if (n == cap) {
@@ -115,10 +105,10 @@ int bl_tokenizer_open(const char *path, int vocab_size, bl_tokenizer **out, char
             if (l) t->lengths = l;
             float *s = realloc(t->scores, cap * sizeof(float));
             if (s) t->scores = s;
-            if (!v || !l || !s) { t->vocab_size = n; rc = tfail(err, errlen, BL_ERR_NOMEM, "out of memory"); goto done; }
+            if (!v || !l || !s) { t->vocab_size = n; rc = bl_fail(err, errlen, BL_ERR_NOMEM, "out of memory"); goto done; }
         }
         t->vocab[n] = malloc((size_t)len + 1);
-        if (!t->vocab[n]) { t->vocab_size = n; rc = tfail(err, errlen, BL_ERR_NOMEM, "out of memory"); goto done; }
+        if (!t->vocab[n]) { t->vocab_size = n; rc = bl_fail(err, errlen, BL_ERR_NOMEM, "out of memory"); goto done; }
         memcpy(t->vocab[n], data + off + 8, len);
         t->vocab[n][len] = '\0';
         t->lengths[n] = len;
@@ -128,10 +118,10 @@ int bl_tokenizer_open(const char *path, int vocab_size, bl_tokenizer **out, char
         off += 8 + (size_t)len;
     }
     if (vocab_size > 0 && n < vocab_size) {
-        rc = tfail(err, errlen, BL_ERR_FORMAT, "%s: has %d tokens, expected %d", path, n, vocab_size);
+        rc = bl_fail(err, errlen, BL_ERR_FORMAT, "%s: has %d tokens, expected %d", path, n, vocab_size);
         goto done;
     }
-    if (n < 3) { rc = tfail(err, errlen, BL_ERR_FORMAT, "%s: has only %d tokens", path, n); goto done; }
+    if (n < 3) { rc = bl_fail(err, errlen, BL_ERR_FORMAT, "%s: has only %d tokens", path, n); goto done; }
     /* byte fallback: <0x00>..<0xFF> at ids 3..258, as sentencepiece lays them out */
     t->byte_fallback = n >= 259;
     for (int b = 0; b < 256 && t->byte_fallback; b++) {
@@ -145,7 +135,7 @@ int bl_tokenizer_open(const char *path, int vocab_size, bl_tokenizer **out, char
     int first = t->byte_fallback ? 259 : 3;
     t->sorted = malloc(sizeof(TokenIndex) * (size_t)(n > first ? n - first : 1));
     t->buf = malloc((size_t)max_len * 2 + 8);
-    if (!t->sorted || !t->buf) { rc = tfail(err, errlen, BL_ERR_NOMEM, "out of memory"); goto done; }
+    if (!t->sorted || !t->buf) { rc = bl_fail(err, errlen, BL_ERR_NOMEM, "out of memory"); goto done; }
     for (int i = first; i < n; i++) {
         if ((int)strlen(t->vocab[i]) != t->lengths[i]) continue;
         t->sorted[t->n_sorted].str = t->vocab[i];
@@ -183,7 +173,7 @@ int bl_encode(bl_tokenizer *t, const char *text, int bos, int eos, int *tokens, 
     /* worst case: BOS + the prefix space + 4 bytes per character + EOS */
     size_t need = 3 + 4 * tlen;
     int *sym = malloc(sizeof(int) * (need + 1));
-    if (!sym) return tfail(t->err, sizeof t->err, BL_ERR_NOMEM, "out of memory");
+    if (!sym) return bl_fail(t->err, sizeof t->err, BL_ERR_NOMEM, "out of memory");
     char cp[8];
     size_t cl = 0;
     /* the dummy prefix: sentencepiece starts non-empty text with a space */
@@ -229,7 +219,7 @@ int bl_encode(bl_tokenizer *t, const char *text, int bos, int eos, int *tokens, 
     if (total > max_tokens) {
         free(sym);
         *n_tokens = total;
-        return tfail(t->err, sizeof t->err, BL_ERR_ARG, "text encodes to %d tokens, more than the %d allowed", total, max_tokens);
+        return bl_fail(t->err, sizeof t->err, BL_ERR_ARG, "text encodes to %d tokens, more than the %d allowed", total, max_tokens);
     }
     int k = 0;
     if (bos) tokens[k++] = 1;

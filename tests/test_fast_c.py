@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+from helpers import scaled_model
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -23,22 +23,13 @@ from babyllama.tokenizer import Tokenizer
 CSRC = Path(fast_c.__file__).resolve().parents[2] / "csrc"
 
 
-def _scaled(args: ModelArgs, scale: float, seed: int = 0) -> Transformer:
-    torch.manual_seed(seed)
-    m = Transformer(args).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.mul_(scale)
-    return m
-
-
 @pytest.fixture(scope="module")
 def model_files(tmp_path_factory, trained):
     d = tmp_path_factory.mktemp("cfiles")
     out = {}
     for name, m in (("trained", Transformer.from_pretrained(trained)),
-                    ("260K", _scaled(PRESETS["stories260K"], 2.0)),
-                    ("15M", _scaled(PRESETS["stories15M"], 1.0))):
+                    ("260K", scaled_model(PRESETS["stories260K"], 2.0)),
+                    ("15M", scaled_model(PRESETS["stories15M"], 1.0))):
         for v in (0, 1, 2):
             out[name, v] = write_model(m, d / f"{name}_v{v}.bin", version=v)
     return out
@@ -134,7 +125,7 @@ def test_load_errors(tmp_path, model_files):
 
 
 def _tiny(tmp_path: Path, version: int) -> bytes:
-    m = _scaled(ModelArgs(dim=16, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=20,
+    m = scaled_model(ModelArgs(dim=16, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=20,
                           max_seq_len=8, hidden_dim=32), 1.0)
     return write_model(m, tmp_path / f"tiny{version}.bin", version=version).read_bytes()
 

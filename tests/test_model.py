@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from helpers import scaled_model
 
 from babyllama.checkpoints import CheckpointError, permute_from_hf, permute_to_hf
 from babyllama.model import PRESETS, ModelArgs, Transformer, count_params
@@ -19,12 +20,7 @@ SHAPES = {   # small random configs: multi-head, grouped-query, multi-query, unt
 
 
 def _model(args: ModelArgs, seed: int = 0, scale: float = 1.0) -> Transformer:
-    torch.manual_seed(seed)
-    m = Transformer(args).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.mul_(scale)
-    return m
+    return scaled_model(args, scale, seed)
 
 
 def test_preset_parameter_counts():
