@@ -149,3 +149,13 @@ def test_sigint_saves_and_resume_continues(data_dir, tmp_path):
     r = subprocess.run(resume, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert torch.load(out / "ckpt.pt", weights_only=True)["iter_num"] == done + 2
+
+
+def test_torch_compile_matches_eager(data_dir, tmp_path):
+    """--compile (torch.compile with inductor, ~1 minute to compile on CPU) trains the same."""
+    kw = dict(max_iters=3, lr_decay_iters=3, dropout=0.0, log_interval=1)
+    train(_cfg(data_dir, tmp_path / "eager", **kw))
+    train(_cfg(data_dir, tmp_path / "compiled", compile=True, **kw))
+    eager, compiled = _losses(tmp_path / "eager"), _losses(tmp_path / "compiled")
+    assert len(eager) == len(compiled) == 3
+    assert max(abs(a - b) for a, b in zip(eager, compiled)) < 1e-3
