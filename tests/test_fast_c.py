@@ -191,16 +191,25 @@ def test_build_is_cached_and_rebuilt_when_flags_change(tmp_path, monkeypatch):
     assert b != a and b.exists()
 
 
-def test_build_without_openmp_gives_the_same_logits(tmp_path, monkeypatch, model_files):
-    monkeypatch.setenv("BABYLLAMA_CACHE", str(tmp_path))
-    monkeypatch.setenv("BABYLLAMA_OPENMP", "0")
-    fast_c.openmp_flags.cache_clear()
-    try:
-        path = fast_c.build_library()
-        out = subprocess.run(["nm", "-D", str(path)], capture_output=True, text=True)
-        assert "omp_" not in out.stdout and "GOMP" not in out.stdout
-    finally:
-        fast_c.openmp_flags.cache_clear()
+def test_build_without_openmp_gives_the_same_logits(tmp_path, model_files):
+    """A serial build (no OpenMP symbols at all) computes exactly what the OpenMP one does."""
+    import sys
+
+    env = {**os.environ, "BABYLLAMA_CACHE": str(tmp_path), "BABYLLAMA_OPENMP": "0"}
+    path = model_files["260K", 2]
+    code = ("import sys, numpy as np; from babyllama import fast_c; "
+            "from babyllama.fast_c import CLlama; "
+            f"e = CLlama.load({str(path)!r}, threads=2); "
+            "np.save(sys.argv[1], np.stack([e.forward(t, i) for i, t in enumerate([1, 7, 9])])); "
+            "print(fast_c.build_library())")
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "serial.npy")],
+                       capture_output=True, text=True, env=env, check=True)
+    lib = r.stdout.strip().splitlines()[-1]
+    symbols = subprocess.run(["nm", "-D", lib], capture_output=True, text=True).stdout
+    assert "GOMP" not in symbols and "omp_" not in symbols
+    e = CLlama.load(path, threads=2)
+    omp = np.stack([e.forward(t, i) for i, t in enumerate([1, 7, 9])])
+    assert np.array_equal(np.load(tmp_path / "serial.npy"), omp)
 
 
 def test_no_compiler_is_a_clear_error(monkeypatch, tmp_path):

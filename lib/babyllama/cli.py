@@ -82,7 +82,7 @@ def cmd_pretokenize(a) -> None:
 def cmd_train(a) -> None:
     from babyllama.train import TrainConfig, saved_config, train
 
-    fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"extra"}
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
     given = {k: v for k, v in vars(a).items() if k in fields and v is not None}
     if a.resume:   # the checkpoint's settings, with only the flags given here changed
         out_dir = Path(given.get("out_dir", TrainConfig.out_dir))
@@ -213,8 +213,6 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("train", help="train a model")
     s.add_argument("--resume", action="store_true")
     for f in dataclasses.fields(TrainConfig):
-        if f.name == "extra":
-            continue
         flag = "--" + f.name.replace("_", "-")
         if f.type in ("bool", bool):
             s.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)

@@ -20,7 +20,7 @@ import math
 import os
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -61,7 +61,6 @@ class TrainConfig:
     seed: int = 1337
     threads: int | None = None
     progress: bool = True
-    extra: dict = field(default_factory=dict)
 
     def model_args(self) -> ModelArgs:
         if self.preset not in PRESETS:
@@ -136,7 +135,8 @@ def saved_config(path: str | Path) -> dict:
     if not path.exists():
         raise TrainingError(f"--resume: no checkpoint at {path}")
     cfg = torch.load(path, map_location="cpu", weights_only=True)["config"]
-    return {k: v for k, v in cfg.items() if k != "extra"}
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    return {k: v for k, v in cfg.items() if k in names}
 
 
 def _rng_state() -> dict:
