@@ -85,15 +85,39 @@ static float dot1_f32(const float *x, const float *w, int n) {
     return s;
 }
 
-void bl_matmul_f32(float *xout, const float *x, const float *w, int n, int d, int threads) {
-    int nblocks = d / 4;
-    (void)threads;
-#pragma omp parallel for schedule(static) num_threads(threads) if ((long)d * n >= BL_PARALLEL_MIN)
-    for (int b = 0; b < nblocks; b++) {
-        const float *wb = w + (size_t)4 * b * n;
-        dot4_f32(xout + 4 * b, x, wb, wb + n, wb + 2 * (size_t)n, wb + 3 * (size_t)n, n);
+/* rows [4b, 4b + 4) of out = w @ x, fewer at the end of a matrix */
+static void rows4_f32(float *out, const float *x, const float *w, int n, int d, int b) {
+    const float *wb = w + (size_t)4 * b * n;
+    if (4 * b + 4 <= d) {
+        dot4_f32(out + 4 * b, x, wb, wb + n, wb + 2 * (size_t)n, wb + 3 * (size_t)n, n);
+        return;
     }
-    for (int i = 4 * nblocks; i < d; i++) xout[i] = dot1_f32(x, w + (size_t)i * n, n);
+    for (int i = 4 * b; i < d; i++) out[i] = dot1_f32(x, w + (size_t)i * n, n);
+}
+
+static long batch_work(const bl_matvec *jobs, int njobs, int n) {
+    long work = 0;
+    for (int k = 0; k < njobs; k++) work += (long)jobs[k].d * n;
+    return work;
+}
+
+/* Each thread takes the same share of every matrix (schedule static) and goes on to the next
+ * matrix without waiting (nowait): the threads meet once, at the end of the region. */
+void bl_matmuls_f32(const bl_matvec *jobs, int njobs, const float *x, int n, int threads) {
+    (void)threads;
+#pragma omp parallel num_threads(threads) if (batch_work(jobs, njobs, n) >= BL_PARALLEL_MIN)
+    for (int k = 0; k < njobs; k++) {
+        const bl_matvec *j = &jobs[k];
+        int nblocks = (j->d + 3) / 4, b;
+#pragma omp for schedule(static) nowait
+        for (b = 0; b < nblocks; b++) rows4_f32(j->out, x, j->w->f, n, j->d, b);
+    }
+}
+
+void bl_matmul_f32(float *xout, const float *x, const float *w, int n, int d, int threads) {
+    bl_mat mat = {w, {NULL, NULL}};
+    bl_matvec job = {xout, &mat, d};
+    bl_matmuls_f32(&job, 1, x, n, threads);
 }
 
 /* exact integer dot product of gs int8 pairs */
@@ -146,20 +170,26 @@ static inline int32_t idot(const int8_t *a, const int8_t *b, int gs) {
     return s;
 }
 
-void bl_matmul_q80(float *xout, const bl_qtensor *x, const bl_qtensor *w, int n, int d, int gs,
-                   int threads) {
+void bl_matmuls_q80(const bl_matvec *jobs, int njobs, const bl_qtensor *x, int n, int gs,
+                    int threads) {
     int ngroups = n / gs;
     (void)threads;
-#pragma omp parallel for schedule(static) num_threads(threads) if ((long)d * n >= BL_PARALLEL_MIN)
-    for (int i = 0; i < d; i++) {
-        const int8_t *wq = w->q + (size_t)i * n;
-        const float *ws = w->s + (size_t)i * ngroups;
-        float val = 0.0f;
-        for (int g = 0; g < ngroups; g++) {
-            int32_t ival = idot(x->q + (size_t)g * gs, wq + (size_t)g * gs, gs);
-            val += ((float)ival * ws[g]) * x->s[g];
+#pragma omp parallel num_threads(threads) if (batch_work(jobs, njobs, n) >= BL_PARALLEL_MIN)
+    for (int k = 0; k < njobs; k++) {
+        const bl_matvec *j = &jobs[k];
+        const bl_qtensor *w = &j->w->q;
+        int i;
+#pragma omp for schedule(static) nowait
+        for (i = 0; i < j->d; i++) {
+            const int8_t *wq = w->q + (size_t)i * n;
+            const float *ws = w->s + (size_t)i * ngroups;
+            float val = 0.0f;
+            for (int g = 0; g < ngroups; g++) {
+                int32_t ival = idot(x->q + (size_t)g * gs, wq + (size_t)g * gs, gs);
+                val += ((float)ival * ws[g]) * x->s[g];
+            }
+            j->out[i] = val;
         }
-        xout[i] = val;
     }
 }
 

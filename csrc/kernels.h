@@ -18,12 +18,29 @@ typedef struct {
     const float *s;
 } bl_qtensor;
 
+/* a weight matrix (d, n): fp32 (f), or Q8_0 (q) when f is NULL */
+typedef struct {
+    const float *f;
+    bl_qtensor q;
+} bl_mat;
+
+/* one product of a batch: out (d,) = w (d, n) @ x */
+typedef struct {
+    float *out;
+    const bl_mat *w;
+    int d;
+} bl_matvec;
+
 /* xout (d,) = W (d, n) @ x (n,), fp32 */
 void bl_matmul_f32(float *xout, const float *x, const float *w, int n, int d, int threads);
 
-/* xout (d,) = W (d, n) @ x (n,), both Q8_0 with group size gs (gs divides n) */
-void bl_matmul_q80(float *xout, const bl_qtensor *x, const bl_qtensor *w, int n, int d, int gs,
-                   int threads);
+/* the products of `jobs` that share one input x (n,), fp32 weights, in one parallel region:
+ * one fork and one join for, e.g., wq, wk and wv together */
+void bl_matmuls_f32(const bl_matvec *jobs, int njobs, const float *x, int n, int threads);
+
+/* the same with Q8_0 weights and a Q8_0 input x (n,), group size gs (gs divides n) */
+void bl_matmuls_q80(const bl_matvec *jobs, int njobs, const bl_qtensor *x, int n, int gs,
+                    int threads);
 
 /* quantize x (n,) into q/s in groups of gs, as runq.c: scale = max|x| / 127, round half away */
 void bl_quantize(int8_t *q, float *s, const float *x, int n, int gs);

@@ -33,16 +33,10 @@ typedef struct {
     int version, group_size, shared;
 } Config;
 
-/* a weight matrix: fp32 (f) or Q8_0 (q) */
-typedef struct {
-    const float *f;
-    bl_qtensor q;
-} Mat;
-
 typedef struct {
     const float *attention_norm, *ffn_norm;   /* (dim,) each */
-    Mat wq, wk, wv, wo;                       /* (dim, dim), (kv_dim, dim) x2, (dim, dim) */
-    Mat w1, w2, w3;                           /* (hidden_dim, dim), (dim, hidden_dim), (hidden_dim, dim) */
+    bl_mat wq, wk, wv, wo;                    /* (dim, dim), (kv_dim, dim) x2, (dim, dim) */
+    bl_mat w1, w2, w3;                        /* (hidden_dim, dim), (dim, hidden_dim), (hidden_dim, dim) */
 } Layer;
 
 struct bl_model {
@@ -54,13 +48,14 @@ struct bl_model {
     int owns_embeddings;
     Layer *layers;
     const float *norm;       /* (dim,) */
-    Mat output;              /* (vocab_size, dim) */
+    bl_mat output;           /* (vocab_size, dim) */
     /* state */
-    float *x, *xb, *xb2, *hb, *hb2, *q, *logits;         /* activations */
+    float *x, *xb, *xb2, *hb, *hb2, *q, *k, *v, *logits; /* activations */
     double *att, *acc;                                   /* attention scores, outputs */
     int8_t *xq_q;
     float *xq_s;                                         /* quantized activation (v2) */
-    float *key_cache, *value_cache;                      /* (n_layers, seq_len, kv_dim) */
+    float *key_cache, *value_cache;   /* (n_layers, n_kv_heads, seq_len, head_size) each */
+    double *freqs_cos, *freqs_sin;                       /* RoPE, (seq_len, head_size / 2) */
     ProbIndex *probindex;                                /* sampler scratch (vocab_size) */
     float *probs;
     char err[512];
@@ -148,7 +143,7 @@ static void take_f32(const unsigned char **p, const float **dst, size_t n) {
     *p += 4 * n;
 }
 
-static void take_mat(const Config *c, const unsigned char **p, Mat *m, size_t n) {
+static void take_mat(const Config *c, const unsigned char **p, bl_mat *m, size_t n) {
     if (c->version == 2) {
         m->q.q = (const int8_t *)*p;
         m->q.s = (const float *)(*p + n);
@@ -164,7 +159,7 @@ static int map_weights(bl_model *m) {
     size_t L = c->n_layers, dim = c->dim, hd = dim / c->n_heads, kv = c->n_kv_heads * hd;
     size_t hid = c->hidden_dim, V = c->vocab_size;
     const unsigned char *p = (const unsigned char *)m->map + (c->version ? HEADER_V1 : 28);
-    Mat emb = {0};
+    bl_mat emb = {0};
     m->layers = calloc(L, sizeof(Layer));
     if (!m->layers) return bl_fail(m->err, sizeof m->err, BL_ERR_NOMEM, "out of memory");
     if (c->version == 0) {   /* run.c's order: embeddings, then each kind for all layers */
@@ -213,6 +208,8 @@ static int alloc_state(bl_model *m) {
     m->hb = calloc(c->hidden_dim, sizeof(float));
     m->hb2 = calloc(c->hidden_dim, sizeof(float));
     m->q = calloc(c->dim, sizeof(float));
+    m->k = calloc(kv, sizeof(float));
+    m->v = calloc(kv, sizeof(float));
     size_t natt = (size_t)c->n_heads * c->seq_len;
     m->att = calloc(natt > (size_t)c->vocab_size ? natt : (size_t)c->vocab_size, sizeof(double));
     m->acc = calloc(c->dim, sizeof(double));
@@ -223,7 +220,20 @@ static int alloc_state(bl_model *m) {
     m->value_cache = calloc((size_t)c->n_layers * c->seq_len * kv, sizeof(float));
     m->probindex = calloc(c->vocab_size, sizeof(ProbIndex));
     m->probs = calloc(c->vocab_size, sizeof(float));
-    if (!m->x || !m->xb || !m->xb2 || !m->hb || !m->hb2 || !m->q || !m->att || !m->acc || !m->logits ||
+    int head_size = c->dim / c->n_heads;
+    m->freqs_cos = calloc((size_t)c->seq_len * (head_size / 2), sizeof(double));
+    m->freqs_sin = calloc((size_t)c->seq_len * (head_size / 2), sizeof(double));
+    if (!m->freqs_cos || !m->freqs_sin)
+        return bl_fail(m->err, sizeof m->err, BL_ERR_NOMEM, "out of memory for the RoPE tables");
+    /* RoPE angles pos * 10000^(-2i/head_size), computed once rather than per token and layer */
+    for (int i = 0; i < head_size / 2; i++) {
+        double freq = 1.0 / pow(10000.0, 2 * i / (double)head_size);
+        for (int pos = 0; pos < c->seq_len; pos++) {
+            m->freqs_cos[(size_t)pos * (head_size / 2) + i] = cos(pos * freq);
+            m->freqs_sin[(size_t)pos * (head_size / 2) + i] = sin(pos * freq);
+        }
+    }
+    if (!m->x || !m->xb || !m->xb2 || !m->hb || !m->hb2 || !m->q || !m->k || !m->v || !m->att || !m->acc || !m->logits ||
         !m->xq_q || !m->xq_s || !m->key_cache || !m->value_cache || !m->probindex || !m->probs)
         return bl_fail(m->err, sizeof m->err, BL_ERR_NOMEM, "out of memory for the KV cache and activations");
     return BL_OK;
@@ -281,9 +291,9 @@ void bl_model_close(bl_model *m) {
     if (!m) return;
     if (m->owns_embeddings) free(m->tok_embeddings);
     free(m->layers);
-    free(m->x); free(m->xb); free(m->xb2); free(m->hb); free(m->hb2); free(m->q); free(m->att); free(m->acc);
+    free(m->x); free(m->xb); free(m->xb2); free(m->hb); free(m->hb2); free(m->q); free(m->k); free(m->v); free(m->att); free(m->acc);
     free(m->logits); free(m->xq_q); free(m->xq_s); free(m->key_cache); free(m->value_cache);
-    free(m->probindex); free(m->probs);
+    free(m->probindex); free(m->probs); free(m->freqs_cos); free(m->freqs_sin);
     if (m->map) munmap(m->map, m->map_size);
     free(m);
 }
@@ -315,24 +325,29 @@ static void rmsnorm(float *o, const float *x, const float *weight, int n) {
  * an exact reduction), exp(r) by its Taylor series to r^13 (error below 1e-16), times 2^k
  * built in the exponent bits. Within 2 ulp of a correctly rounded exp, like libm's and
  * NumPy's, so the float32 results it feeds round the same way in C and in NumPy. */
+#if defined(__FMA__) || defined(__ARM_FEATURE_FMA)
+#define MADD(a, b, c) fma(a, b, c)   /* one instruction, one rounding: faster and as accurate */
+#else
+#define MADD(a, b, c) ((a) * (b) + (c))
+#endif
 static inline double exp_neg(double x) {
     x = x < -708.0 ? -708.0 : x;   /* exp(-708) ~ 3e-308: below that, 0 for our purposes */
     double k = nearbyint(x * 1.4426950408889634);   /* nearest integer (vectorizes) */
     double r = (x - k * 6.93147180369123816490e-01) - k * 1.90821492927058770002e-10;
     double p = 1.0 / 6227020800.0;   /* 1/13!, then Horner down to 1/0! */
-    p = p * r + 1.0 / 479001600.0;
-    p = p * r + 1.0 / 39916800.0;
-    p = p * r + 1.0 / 3628800.0;
-    p = p * r + 1.0 / 362880.0;
-    p = p * r + 1.0 / 40320.0;
-    p = p * r + 1.0 / 5040.0;
-    p = p * r + 1.0 / 720.0;
-    p = p * r + 1.0 / 120.0;
-    p = p * r + 1.0 / 24.0;
-    p = p * r + 1.0 / 6.0;
-    p = p * r + 0.5;
-    p = p * r + 1.0;
-    p = p * r + 1.0;
+    p = MADD(p, r, 1.0 / 479001600.0);
+    p = MADD(p, r, 1.0 / 39916800.0);
+    p = MADD(p, r, 1.0 / 3628800.0);
+    p = MADD(p, r, 1.0 / 362880.0);
+    p = MADD(p, r, 1.0 / 40320.0);
+    p = MADD(p, r, 1.0 / 5040.0);
+    p = MADD(p, r, 1.0 / 720.0);
+    p = MADD(p, r, 1.0 / 120.0);
+    p = MADD(p, r, 1.0 / 24.0);
+    p = MADD(p, r, 1.0 / 6.0);
+    p = MADD(p, r, 0.5);
+    p = MADD(p, r, 1.0);
+    p = MADD(p, r, 1.0);
     /* 2^k: k + 1.5 * 2^52 holds k in its low mantissa bits; move k + 1023 to the exponent */
     double t = k + 6755399441055744.0;
     int64_t bits;
@@ -354,29 +369,89 @@ static double dot_d(const float *q, const float *k, int n) {
     return (s[0] + s[1]) + (s[2] + s[3]);
 }
 
-/* softmax of x (n,) in double, in place */
-static void softmax_d(double *x, int n) {
-    double max = x[0], sum = 0.0;
-    for (int i = 1; i < n; i++) if (x[i] > max) max = x[i];
-    double part[4] = {0.0, 0.0, 0.0, 0.0};   /* independent partial sums, as in dot_d */
+static double max_d(const double *x, int n) {
+    double mx[4] = {x[0], x[0], x[0], x[0]};   /* four running maxima: no dependency chain */
     int i = 0;
-    for (i = 0; i < n; i++) x[i] = exp_neg(x[i] - max);
-    for (i = 0; i + 4 <= n; i += 4)
-        for (int j = 0; j < 4; j++) part[j] += x[i + j];
-    for (; i < n; i++) part[0] += x[i];
-    sum = (part[0] + part[1]) + (part[2] + part[3]);
-    for (i = 0; i < n; i++) x[i] /= sum;
+    for (; i + 4 <= n; i += 4)
+        for (int j = 0; j < 4; j++) mx[j] = x[i + j] > mx[j] ? x[i + j] : mx[j];
+    for (; i < n; i++) mx[0] = x[i] > mx[0] ? x[i] : mx[0];
+    double a = mx[0] > mx[1] ? mx[0] : mx[1], b = mx[2] > mx[3] ? mx[2] : mx[3];
+    return a > b ? a : b;
 }
 
-/* xout (d,) = W (d, n) @ x (n,): fp32, or quantize x then Q8_0 */
-static void matmul(bl_model *m, float *xout, const float *x, const Mat *w, int n, int d) {
-    if (w->f) {
-        bl_matmul_f32(xout, x, w->f, n, d, m->threads);
+/* x[i] = exp(x[i] - max) in place; returns their sum (partial sums, as in dot_d) */
+static double exp_sum_d(double *x, int n, double max) {
+    double part[4] = {0.0, 0.0, 0.0, 0.0};
+    int i = 0;
+    for (; i + 4 <= n; i += 4)
+        for (int j = 0; j < 4; j++) {
+            x[i + j] = exp_neg(x[i + j] - max);
+            part[j] += x[i + j];
+        }
+    for (; i < n; i++) {
+        x[i] = exp_neg(x[i] - max);
+        part[0] += x[i];
+    }
+    return (part[0] + part[1]) + (part[2] + part[3]);
+}
+
+/* softmax of x (n,) in double, in place */
+static void softmax_d(double *x, int n) {
+    double sum = exp_sum_d(x, n, max_d(x, n));
+    for (int i = 0; i < n; i++) x[i] /= sum;
+}
+
+/* probs (vocab_size,) = softmax(logits / temperature), in double and stored as float. The
+ * sampler does this every token while the other threads would wait, so they share it: the
+ * vocabulary is cut into a fixed number of chunks (not one per thread) and the chunks' maxima
+ * and sums are combined in chunk order, so the result is the same with any thread count. */
+#define SOFTMAX_CHUNKS 8
+static void softmax_probs(bl_model *m, const float *logits, float temperature, float *probs) {
+    int n = m->c.vocab_size, len = (n + SOFTMAX_CHUNKS - 1) / SOFTMAX_CHUNKS;
+    double *pd = m->att;   /* scratch of at least vocab_size doubles, see alloc_state */
+    double cmax[SOFTMAX_CHUNKS], csum[SOFTMAX_CHUNKS];
+#pragma omp parallel num_threads(m->threads) if (n >= 1 << 13)
+    {
+        int c;
+#pragma omp for schedule(static)
+        for (c = 0; c < SOFTMAX_CHUNKS; c++) {
+            int lo = c * len, hi = lo + len < n ? lo + len : n;
+            for (int i = lo; i < hi; i++) pd[i] = logits[i] / temperature;
+            cmax[c] = hi > lo ? max_d(pd + lo, hi - lo) : -INFINITY;
+        }
+        double max = cmax[0];
+        for (c = 1; c < SOFTMAX_CHUNKS; c++) max = cmax[c] > max ? cmax[c] : max;
+#pragma omp for schedule(static)
+        for (c = 0; c < SOFTMAX_CHUNKS; c++) {
+            int lo = c * len, hi = lo + len < n ? lo + len : n;
+            csum[c] = hi > lo ? exp_sum_d(pd + lo, hi - lo, max) : 0.0;
+        }
+        double sum = 0.0;
+        for (c = 0; c < SOFTMAX_CHUNKS; c++) sum += csum[c];
+#pragma omp for schedule(static)
+        for (c = 0; c < SOFTMAX_CHUNKS; c++) {
+            int lo = c * len, hi = lo + len < n ? lo + len : n;
+            for (int i = lo; i < hi; i++) probs[i] = (float)(pd[i] / sum);
+        }
+    }
+}
+
+/* out[k] (d[k],) = W[k] (d[k], n) @ x (n,) for k < count: fp32, or quantize x then Q8_0 */
+static void matmuls(bl_model *m, const float *x, int n, int count, float *const out[],
+                    const bl_mat *const w[], const int d[]) {
+    bl_matvec jobs[3];
+    for (int k = 0; k < count; k++) jobs[k] = (bl_matvec){out[k], w[k], d[k]};
+    if (w[0]->f) {
+        bl_matmuls_f32(jobs, count, x, n, m->threads);
     } else {
         bl_quantize(m->xq_q, m->xq_s, x, n, m->c.group_size);
         bl_qtensor xq = {m->xq_q, m->xq_s};
-        bl_matmul_q80(xout, &xq, &w->q, n, d, m->c.group_size, m->threads);
+        bl_matmuls_q80(jobs, count, &xq, n, m->c.group_size, m->threads);
     }
+}
+
+static void matmul(bl_model *m, float *xout, const float *x, const bl_mat *w, int n, int d) {
+    matmuls(m, x, n, 1, (float *const[]){xout}, (const bl_mat *const[]){w}, (const int[]){d});
 }
 
 int bl_forward(bl_model *m, int token, int pos, float *out) {
@@ -393,20 +468,17 @@ int bl_forward(bl_model *m, int token, int pos, float *out) {
 
     for (int l = 0; l < c->n_layers; l++) {
         const Layer *w = &m->layers[l];
-        size_t loff = (size_t)l * c->seq_len * kv_dim;
-        float *k = m->key_cache + loff + (size_t)pos * kv_dim;   /* write k, v straight into the cache */
-        float *v = m->value_cache + loff + (size_t)pos * kv_dim;
+        float *k = m->k, *v = m->v;
 
         rmsnorm(m->xb, x, w->attention_norm, dim);
-        matmul(m, m->q, m->xb, &w->wq, dim, dim);
-        matmul(m, k, m->xb, &w->wk, dim, kv_dim);
-        matmul(m, v, m->xb, &w->wv, dim, kv_dim);
+        matmuls(m, m->xb, dim, 3, (float *const[]){m->q, k, v},
+                (const bl_mat *const[]){&w->wq, &w->wk, &w->wv}, (const int[]){dim, kv_dim, kv_dim});
 
-        /* RoPE: rotate each pair (2i, 2i+1) of every head by pos * 10000^(-2i/head_size) */
+        /* RoPE: rotate each pair (2i, 2i+1) of every head of q and k by its angle at pos */
+        const double *fcos = m->freqs_cos + (size_t)pos * (head_size / 2);
+        const double *fsin = m->freqs_sin + (size_t)pos * (head_size / 2);
         for (int i = 0; i < dim; i += 2) {
-            int head_dim = i % head_size;
-            double freq = 1.0 / pow(10000.0, head_dim / (double)head_size);
-            double val = pos * freq, fcr = cos(val), fci = sin(val);
+            double fcr = fcos[(i % head_size) / 2], fci = fsin[(i % head_size) / 2];
             int rotn = i < kv_dim ? 2 : 1;
             for (int r = 0; r < rotn; r++) {
                 float *vec = r == 0 ? m->q : k;
@@ -416,24 +488,30 @@ int bl_forward(bl_model *m, int token, int pos, float *out) {
             }
         }
 
+        /* into the cache: each KV head keeps its positions together, so attention reads one
+         * contiguous run of pos * head_size floats per head instead of strided rows */
+        size_t hstride = (size_t)c->seq_len * head_size;   /* one KV head of one layer */
+        float *kcache = m->key_cache + (size_t)l * c->n_kv_heads * hstride;
+        float *vcache = m->value_cache + (size_t)l * c->n_kv_heads * hstride;
+        for (int g = 0; g < c->n_kv_heads; g++) {
+            memcpy(kcache + g * hstride + (size_t)pos * head_size, k + g * head_size, head_size * sizeof(float));
+            memcpy(vcache + g * hstride + (size_t)pos * head_size, v + g * head_size, head_size * sizeof(float));
+        }
+
         /* attention: each query head h reads KV head h / kv_mul at positions 0..pos */
         int h;
-#pragma omp parallel for private(h) num_threads(m->threads) if ((long)(pos + 1) * dim >= 1 << 15)
+#pragma omp parallel for private(h) num_threads(m->threads) if ((long)(pos + 1) * dim >= 1 << 13)
         for (h = 0; h < c->n_heads; h++) {
             const float *q = m->q + h * head_size;
+            const float *kh = kcache + (h / kv_mul) * hstride, *vh = vcache + (h / kv_mul) * hstride;
             double *att = m->att + (size_t)h * c->seq_len;
             const double sqrt_hs = sqrt((double)head_size);
-            for (int t = 0; t <= pos; t++) {
-                const float *kt = m->key_cache + loff + (size_t)t * kv_dim + (h / kv_mul) * head_size;
-                att[t] = dot_d(q, kt, head_size) / sqrt_hs;
-            }
+            for (int t = 0; t <= pos; t++) att[t] = dot_d(q, kh + (size_t)t * head_size, head_size) / sqrt_hs;
             softmax_d(att, pos + 1);
             double *acc = m->acc + h * head_size;
             for (int i = 0; i < head_size; i++) acc[i] = 0.0;
-            for (int t = 0; t <= pos; t++) {
-                const float *vt = m->value_cache + loff + (size_t)t * kv_dim + (h / kv_mul) * head_size;
-                for (int i = 0; i < head_size; i++) acc[i] += att[t] * vt[i];
-            }
+            for (int t = 0; t <= pos; t++)
+                for (int i = 0; i < head_size; i++) acc[i] += att[t] * vh[(size_t)t * head_size + i];
             for (int i = 0; i < head_size; i++) m->xb[h * head_size + i] = (float)acc[i];
         }
         matmul(m, m->xb2, m->xb, &w->wo, dim, dim);
@@ -441,8 +519,8 @@ int bl_forward(bl_model *m, int token, int pos, float *out) {
 
         /* SwiGLU feed-forward: w2(silu(w1 x) * w3 x) */
         rmsnorm(m->xb, x, w->ffn_norm, dim);
-        matmul(m, m->hb, m->xb, &w->w1, dim, hidden_dim);
-        matmul(m, m->hb2, m->xb, &w->w3, dim, hidden_dim);
+        matmuls(m, m->xb, dim, 2, (float *const[]){m->hb, m->hb2},
+                (const bl_mat *const[]){&w->w1, &w->w3}, (const int[]){hidden_dim, hidden_dim});
         for (int i = 0; i < hidden_dim; i++) {
             double val = m->hb[i];   /* silu(v) = v / (1 + e^-v), e^-v = 1 / e^v for v < 0 */
             double e = val < 0 ? 1.0 / exp_neg(val) : exp_neg(-val);
@@ -508,11 +586,8 @@ int bl_sample(bl_model *m, const float *logits, float temperature, float topp,
         *token = best;
         return BL_OK;
     }
-    double *pd = m->att;   /* scratch of at least vocab_size doubles, see alloc_state */
-    for (int i = 0; i < n; i++) pd[i] = logits[i] / temperature;
-    softmax_d(pd, n);
     float *probs = m->probs;
-    for (int i = 0; i < n; i++) probs[i] = (float)pd[i];
+    softmax_probs(m, logits, temperature, probs);
     float coin = bl_random_f32(rng_state);
     if (topp >= 1.0f) {
         float cdf = 0.0f;
