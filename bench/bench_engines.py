@@ -6,17 +6,19 @@
 
 Models have random weights (speed does not depend on what they learned). Every engine runs in
 the same process, one after the other, on the same files, so the ratios are what counts. The
-table is printed and saved with a plot as bench/engines.png (+ bench/results.json).
+table is printed and saved with a plot as bench/engines.png (+ bench/results.json; --out DIR).
 
 --llama2c DIR: a llama2.c checkout where `run` and `runq` were built (e.g. `make runomp` and
 `gcc -Ofast -fopenmp -march=native runq.c -o runq -lm`). Our CLI (csrc/run) and theirs then
-sample (-p 1, one seed) from the same file with the same threads and steps, interleaved, best of 3,
-and both report their own "achieved tok/s".
+sample (-p 1, one seed) from the same file with the same threads and steps, interleaved, 7 times;
+both report their own "achieved tok/s", and the table gives the best of each and the median
+ratio of back-to-back pairs.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import re
@@ -116,32 +118,32 @@ def achieved(cmd: list[str], threads: int) -> float:
     return float(m.group(1))
 
 
-def run_vs_llama2c(llama2c: Path, shapes: list[str], threads: int, steps: int,
-                   repeats: int = 3) -> list[dict]:
-    """Our CLI and llama2.c's on the same files, interleaved, best of `repeats`."""
+def run_vs_llama2c(llama2c: Path, shapes: list[str], threads: list[int], steps: int,
+                   tok512: Path, repeats: int = 7) -> list[dict]:
+    """Our CLI and llama2.c's on the same files, interleaved: best of `repeats` for each, and
+    the median of the ratios of back-to-back pairs (robust to a machine whose speed drifts)."""
     subprocess.run(["make", "-s", "-C", str(ROOT / "csrc"), "run"], check=True)
     ours = str(ROOT / "csrc" / "run")
     rows = []
     for shape in shapes:
         files = make_files(shape)
-        vocab = json.loads(json.dumps(_vocab(files[0])))
-        tok = str(ROOT / "out" / "tok512.bin") if vocab == 512 else str(llama2c / "tokenizer.bin")
-        for fmt, v, theirs in (("fp32", 0, "run"), ("int8", 2, "runq")):
+        vocab = _vocab(files[0])
+        tok = str(tok512 if vocab == 512 else llama2c / "tokenizer.bin")
+        for th, (fmt, v, theirs) in itertools.product(
+                threads, (("fp32", 0, "run"), ("int8", 2, "runq"))):
             # plain multinomial sampling (-p 1): with random weights the distribution is flat,
             # and top-p would sort ~all 32,000 probabilities each step, timing the sort instead
             # of the kernel. Both programs draw the same tokens from the same seed.
             args = [str(files[v]), "-z", tok, "-n", str(steps), "-t", "1", "-p", "1", "-s", "1"]
-            best = {"ours": 0.0, "llama2.c": 0.0}
-            for _ in range(repeats):
-                best["ours"] = max(best["ours"], achieved([ours, *args, "-T", str(threads)],
-                                                          threads))
-                best["llama2.c"] = max(best["llama2.c"],
-                                       achieved([str(llama2c / theirs), *args], threads))
-            rows.append({"shape": shape, "format": fmt, **best,
-                         "ratio": best["ours"] / best["llama2.c"]})
-            print(f"  {shape:12} {fmt:5} ours {best['ours']:9.1f}  llama2.c {theirs:4} "
-                  f"{best['llama2.c']:9.1f}  ratio {best['ours'] / best['llama2.c']:.2f}",
-                  flush=True)
+            pairs = [(achieved([ours, *args, "-T", str(th)], th),
+                      achieved([str(llama2c / theirs), *args], th)) for _ in range(repeats)]
+            best = {"ours": max(a for a, _ in pairs), "llama2.c": max(b for _, b in pairs)}
+            ratio = float(np.median([a / b for a, b in pairs]))
+            rows.append({"shape": shape, "format": fmt, "threads": th, **best, "ratio": ratio,
+                         "ratio_best": best["ours"] / best["llama2.c"]})
+            print(f"  {shape:12} {fmt:5} {th} thr  ours {best['ours']:9.1f}  llama2.c {theirs:4} "
+                  f"{best['llama2.c']:9.1f}  best/best {rows[-1]['ratio_best']:.2f}  "
+                  f"median pair ratio {ratio:.2f}", flush=True)
     return rows
 
 
@@ -158,14 +160,17 @@ def print_table(rows: list[dict]) -> None:
               f"{r['gen_tok_s']:10.1f}")
 
 
-def plot(rows: list[dict], out: Path) -> Path:
+def plot(rows: list[dict], out: Path, vs_llama2c: list[dict] | None = None) -> Path:
+    """Generated tokens/s per engine, one panel per shape; with `vs_llama2c`, a last panel of
+    our CLI's speed over llama2.c's (median pair ratio; right of the line = we are faster)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     shapes = sorted({r["shape"] for r in rows}, key=[r["shape"] for r in rows].index)
-    fig, axes = plt.subplots(1, len(shapes), figsize=(5 * len(shapes), 3.6), squeeze=False)
+    panels = len(shapes) + (1 if vs_llama2c else 0)
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 3.6), squeeze=False)
     for ax, shape in zip(axes[0], shapes):
         sub = [r for r in rows if r["shape"] == shape]
         labels = [f"{r['engine']}\n{r['format']}" for r in sub]
@@ -175,6 +180,15 @@ def plot(rows: list[dict], out: Path) -> Path:
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("generated tokens/s (log)")
         ax.set_title(shape)
+        ax.tick_params(axis="y", labelsize=7)
+    if vs_llama2c:
+        ax = axes[0][-1]
+        labels = [f"{r['shape']} {r['format']}, {r['threads']} thr" for r in vs_llama2c]
+        ratios = [r["ratio"] for r in vs_llama2c]
+        ax.barh(labels, ratios, color=["tab:blue" if x >= 1 else "tab:red" for x in ratios])
+        ax.axvline(1.0, color="black", lw=1)
+        ax.set_xlabel("our CLI / llama2.c (tok/s)")
+        ax.set_title("vs llama2.c run / runq")
         ax.tick_params(axis="y", labelsize=7)
     fig.tight_layout()
     fig.savefig(out, dpi=100)
@@ -190,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--llama2c", type=Path, default=None)
     p.add_argument("--steps", type=int, default=256)
+    p.add_argument("--tokenizer", type=Path, default=ROOT / "out" / "tok512.bin",
+                   help="tokenizer.bin for 512-piece shapes (stories260K), made by chapter 01")
+    p.add_argument("--out", type=Path, default=ROOT / "bench", help="where results go")
     a = p.parse_args(argv)
     OUT.mkdir(parents=True, exist_ok=True)
     print("engines, side by side:")
@@ -197,10 +214,12 @@ def main(argv: list[str] | None = None) -> int:
     print_table(rows)
     results = {"engines": rows}
     if a.llama2c:
-        print(f"\nour CLI vs llama2.c ({a.threads} threads, {a.steps} steps, best of 3):")
-        results["llama2c"] = run_vs_llama2c(a.llama2c, a.shapes, a.threads, a.steps)
-    (ROOT / "bench" / "results.json").write_text(json.dumps(results, indent=2))
-    print(f"\nplot: {plot(rows, ROOT / 'bench' / 'engines.png')}")
+        print(f"\nour CLI vs llama2.c ({a.steps} steps, 7 interleaved runs each):")
+        results["llama2c"] = run_vs_llama2c(a.llama2c, a.shapes, sorted({1, a.threads}),
+                                            a.steps, a.tokenizer)
+    a.out.mkdir(parents=True, exist_ok=True)
+    (a.out / "results.json").write_text(json.dumps(results, indent=2))
+    print(f"\nplot: {plot(rows, a.out / 'engines.png', results.get('llama2c'))}")
     return 0
 
 
