@@ -163,3 +163,11 @@ for name, path in (("after 20 iterations", early), (f"after {cfg.max_iters} iter
 # (Llama 2's own 32,000-piece tokenizer works too: `babyllama tokenizer export` it, and skip
 # `tokenizer train`.) On one GPU that is a few hours; on this book's two CPU cores, stay with
 # the `book` and `stories260K` presets.
+#
+# `--dtype` picks the precision of the forward and backward matmuls (autocast; the weights and
+# the optimizer stay fp32). `bfloat16` has fp32's exponent range and needs nothing else.
+# `float16` (for GPUs without bf16) has a much smaller range: small gradients round to zero,
+# so the loss is multiplied by a large scale before `backward` and the gradients divided by
+# it before the step — a `GradScaler`, which also skips any step whose gradients overflowed
+# and lowers the scale. Its state goes into the checkpoint with everything else, so a
+# float16 run resumes exactly too.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
@@ -97,9 +98,50 @@ def test_weight_decay_on_matrices_only():
     assert all(p.dim() == 1 for p in no_decay["params"]) and no_decay["weight_decay"] == 0.0
 
 
-def test_bf16_autocast_on_cpu(data_dir, tmp_path):
-    train(_cfg(data_dir, tmp_path, max_iters=3, dtype="bfloat16"))
-    assert all(l == l for l in _losses(tmp_path))
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_mixed_precision_tracks_float32(data_dir, tmp_path, dtype):
+    """Autocast is really on (the losses differ from fp32's) and the run trains like fp32."""
+    kw = dict(max_iters=8, lr_decay_iters=8, dropout=0.0)
+    train(_cfg(data_dir, tmp_path / "fp32", **kw))
+    train(_cfg(data_dir, tmp_path / dtype, dtype=dtype, **kw))
+    ref, low = _losses(tmp_path / "fp32"), _losses(tmp_path / dtype)
+    diff = max(abs(a - b) for a, b in zip(ref, low))
+    assert len(low) == 8 and 0 < diff < 0.01, diff
+    assert low[-1] < low[0] - 0.3
+
+
+def test_float16_resume_is_exact_with_the_grad_scaler(data_dir, tmp_path):
+    kw = dict(dtype="float16", max_iters=8, lr_decay_iters=8)
+    a = train(_cfg(data_dir, tmp_path / "a", **kw))
+    train(_cfg(data_dir, tmp_path / "b", **{**kw, "max_iters": 4}))
+    b = train(_cfg(data_dir, tmp_path / "b", **kw), resume=True)
+    assert _losses(tmp_path / "a") == _losses(tmp_path / "b")
+    sa, sb = (torch.load(p, weights_only=True) for p in (a, b))
+    assert all(torch.equal(sa["model"][k], sb["model"][k]) for k in sa["model"])
+    assert sa["scaler"] == sb["scaler"] and sa["scaler"]["_growth_tracker"] == 8
+
+
+def test_grad_scaler_skips_steps_whose_gradients_overflow(data_dir, tmp_path, monkeypatch):
+    """With a loss scale of 2^40 every fp16 backward overflows: each step must be skipped
+    (weights untouched) and the scale halved, instead of inf reaching the weights."""
+    import functools
+
+    kw = dict(dtype="float16", dropout=0.0)
+    init = _weights(train(_cfg(data_dir, tmp_path / "init", max_iters=0, **kw)))
+    monkeypatch.setattr(torch.amp, "GradScaler",
+                        functools.partial(torch.amp.GradScaler, init_scale=2.0**40))
+    state = torch.load(train(_cfg(data_dir, tmp_path / "run", max_iters=3, **kw)),
+                       weights_only=True)
+    assert state["scaler"]["scale"] == 2.0**37
+    assert all(torch.equal(init[k], state["model"][k]) for k in init)
+    assert all(math.isfinite(x) for x in _losses(tmp_path / "run"))
+
+
+def test_bad_dtype_and_device(data_dir, tmp_path):
+    with pytest.raises(TrainingError, match="dtype 'float64'.*expected one of"):
+        train(_cfg(data_dir, tmp_path, dtype="float64"))
+    with pytest.raises(TrainingError, match="device 'gpu' is not usable here"):
+        train(_cfg(data_dir, tmp_path, device="gpu"))
 
 
 def test_nan_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, monkeypatch):

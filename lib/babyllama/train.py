@@ -55,7 +55,7 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0
     dropout: float = 0.0
-    dtype: str = "float32"              # float32 | bfloat16 | float16 (fp16: CUDA only)
+    dtype: str = "float32"              # float32 | bfloat16 | float16 (with a GradScaler)
     compile: bool = False
     device: str = "cpu"
     seed: int = 1337
@@ -76,6 +76,9 @@ class TrainConfig:
 
 class TrainingError(RuntimeError):
     pass
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def get_lr(it: int, cfg: TrainConfig) -> float:
@@ -125,7 +128,10 @@ def flops_per_token(args: ModelArgs, n_params: int) -> float:
 def save_checkpoint(path: Path, state: dict) -> None:
     """Write atomically: a crash mid-write leaves the previous checkpoint intact."""
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())   # on disk before it replaces the old one
     os.replace(tmp, path)
 
 
@@ -178,8 +184,13 @@ def _train(cfg, resume, rank, world, master, out, ckpt_path) -> Path:
     args = cfg.model_args()
     if cfg.batch_size % world:
         raise TrainingError(f"batch_size {cfg.batch_size} is not divisible by {world} processes")
-    if cfg.dtype == "float16" and not cfg.device.startswith("cuda"):
-        raise TrainingError("float16 training needs CUDA (a GradScaler); use bfloat16 on CPU")
+    if cfg.dtype not in DTYPES:
+        raise TrainingError(f"dtype {cfg.dtype!r}: expected one of {list(DTYPES)}")
+    try:
+        torch.empty(0, device=cfg.device)
+    except (RuntimeError, AssertionError, NotImplementedError) as e:   # bad name, no CUDA...
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TrainingError(f"device {cfg.device!r} is not usable here: {first}") from None
     bins = shard_dir(cfg.data, args.vocab_size, cfg.data_dir)
     train_shards, val_shards = load_shards(bins, "train"), load_shards(bins, "val")
 
@@ -198,12 +209,15 @@ def _train(cfg, resume, rank, world, master, out, ckpt_path) -> Path:
         model = torch.compile(model)
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model)
-    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16,
-               "float16": torch.float16}[cfg.dtype]
-    dev_type = "cuda" if cfg.device.startswith("cuda") else "cpu"
+    ptdtype = DTYPES[cfg.dtype]
+    dev_type = torch.device(cfg.device).type
     autocast = (contextlib.nullcontext() if ptdtype == torch.float32
                 else torch.autocast(dev_type, dtype=ptdtype))
-    scaler = torch.amp.GradScaler("cuda", enabled=cfg.dtype == "float16")
+    # fp16 gradients underflow without loss scaling; the scaler also skips any step whose
+    # gradients overflowed, and lowers its scale (bf16 has fp32's range and needs none)
+    scaler = torch.amp.GradScaler(dev_type, enabled=cfg.dtype == "float16")
+    if state is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
     rows = slice(rank * cfg.batch_size // world, (rank + 1) * cfg.batch_size // world)
 
     def batch(shards, seed, step):
@@ -230,7 +244,8 @@ def _train(cfg, resume, rank, world, master, out, ckpt_path) -> Path:
             save_checkpoint(ckpt_path, {
                 "model": raw.state_dict(), "optimizer": optimizer.state_dict(),
                 "model_args": args.to_dict(), "config": dataclasses.asdict(cfg),
-                "iter_num": it, "best_val_loss": best_val, "rng": _rng_state()})
+                "iter_num": it, "best_val_loss": best_val, "rng": _rng_state(),
+                "scaler": scaler.state_dict()})
 
     out.mkdir(parents=True, exist_ok=True)
     log = open(out / "log.jsonl", "a" if resume else "w") if master else None
