@@ -188,6 +188,11 @@ def test_sigint_saves_and_resume_continues(data_dir, tmp_path):
     assert done >= 3
     # resuming needs only the output directory: the rest comes from the checkpoint
     resume = [*cmd[:4], "--out", str(out), "--max-iters", str(done + 2), "--resume"]
+    r = subprocess.run([*resume, "--learning-rate", "1e-4", "--batch-size", "4"],
+                       capture_output=True, text=True, timeout=300)   # 4 is the checkpoint's
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "--learning-rate 0.0001 (checkpoint: 0.003)" in r.stderr, r.stderr[-2000:]
+    assert "--batch-size" not in r.stderr
     r = subprocess.run(resume, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert torch.load(out / "ckpt.pt", weights_only=True)["iter_num"] == done + 2

@@ -80,13 +80,19 @@ def cmd_pretokenize(a) -> None:
 
 
 def cmd_train(a) -> None:
-    from babyllama.train import TrainConfig, saved_config, train
+    from babyllama.train import RUN_FIELDS, TrainConfig, TrainingError, saved_config, train
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     given = {k: v for k, v in vars(a).items() if k in fields and v is not None}
-    if a.resume:   # the checkpoint's settings, with only the flags given here changed
+    if a.resume:   # the checkpoint's settings; only how the run runs may change (RUN_FIELDS)
         out_dir = Path(given.get("out_dir", TrainConfig.out_dir))
-        given = {**saved_config(out_dir / "ckpt.pt"), **given}
+        saved = saved_config(out_dir / "ckpt.pt")
+        clash = [f"--{k.replace('_', '-')} {v} (checkpoint: {saved[k]})" for k, v in given.items()
+                 if k not in (*RUN_FIELDS, "out_dir") and k in saved and saved[k] != v]
+        if clash:
+            raise TrainingError("a resumed run keeps its checkpoint's settings; these flags "
+                                "differ: " + ", ".join(clash))
+        given = {**saved, **given}
     print(f"trained: {train(TrainConfig(**given), resume=a.resume)}")
 
 

@@ -79,6 +79,9 @@ class TrainingError(RuntimeError):
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# what a resumed run may change; every other field is the checkpoint's, so the run continues
+# exactly as it would have
+RUN_FIELDS = ("max_iters", "progress", "device", "threads", "compile", "log_interval")
 
 
 def get_lr(it: int, cfg: TrainConfig) -> float:
@@ -111,11 +114,14 @@ def measured_peak_flops(device: str = "cpu") -> float:
     """This machine's own fp32 matmul throughput (FLOP/s), measured once, for MFU."""
     if device not in _PEAK:
         a = torch.randn(1024, 1024, generator=torch.Generator().manual_seed(0)).to(device)
+        sync = torch.cuda.synchronize if a.is_cuda else (lambda: None)   # GPU work is async
         a @ a
+        sync()
         n, t0 = 0, time.perf_counter()
         while time.perf_counter() - t0 < 0.3:
             a @ a
             n += 1
+            sync()
         _PEAK[device] = 2 * 1024**3 * n / (time.perf_counter() - t0)
     return _PEAK[device]
 
@@ -146,14 +152,27 @@ def saved_config(path: str | Path) -> dict:
 
 
 def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state()}
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():   # dropout on a GPU
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def train(cfg: TrainConfig, resume: bool = False) -> Path:
     """Train; returns the path of the last checkpoint (out_dir/ckpt.pt)."""
     ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     if ddp:
-        dist.init_process_group(backend="nccl" if cfg.device.startswith("cuda") else "gloo")
+        cuda = cfg.device.startswith("cuda")
+        if cuda:   # one GPU per process: torchrun's LOCAL_RANK picks it
+            cfg = dataclasses.replace(cfg, device=f"cuda:{os.environ.get('LOCAL_RANK', '0')}")
+            torch.cuda.set_device(cfg.device)
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
         rank, world = dist.get_rank(), dist.get_world_size()
     else:
         rank, world = 0, 1
@@ -179,7 +198,7 @@ def _train(cfg, resume, rank, world, master, out, ckpt_path) -> Path:
         if saved != cfg.model_args():
             raise TrainingError(f"{ckpt_path} was trained with a different model config:\n"
                                 f"  checkpoint: {saved}\n  requested:  {cfg.model_args()}")
-        keep = {k: v for k, v in state["config"].items() if k not in ("max_iters", "progress")}
+        keep = {k: v for k, v in state["config"].items() if k not in RUN_FIELDS}
         cfg = dataclasses.replace(cfg, **keep)
     args = cfg.model_args()
     if cfg.batch_size % world:
@@ -201,16 +220,17 @@ def _train(cfg, resume, rank, world, master, out, ckpt_path) -> Path:
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"]["torch"])
+        _set_rng_state(state["rng"])
         it0, best_val = state["iter_num"], state["best_val_loss"]
     n_params = sum(p.numel() for p in model.parameters())
+    dev_type = torch.device(cfg.device).type
     raw = model
     if cfg.compile:
         model = torch.compile(model)
     if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(model)
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[torch.device(cfg.device).index] if dev_type == "cuda" else None)
     ptdtype = DTYPES[cfg.dtype]
-    dev_type = torch.device(cfg.device).type
     autocast = (contextlib.nullcontext() if ptdtype == torch.float32
                 else torch.autocast(dev_type, dtype=ptdtype))
     # fp16 gradients underflow without loss scaling; the scaler also skips any step whose
