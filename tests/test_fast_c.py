@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -193,8 +194,6 @@ def test_build_is_cached_and_rebuilt_when_flags_change(tmp_path, monkeypatch):
 
 def test_build_without_openmp_gives_the_same_logits(tmp_path, model_files):
     """A serial build (no OpenMP symbols at all) computes exactly what the OpenMP one does."""
-    import sys
-
     env = {**os.environ, "BABYLLAMA_CACHE": str(tmp_path), "BABYLLAMA_OPENMP": "0"}
     path = model_files["260K", 2]
     code = ("import sys, numpy as np; from babyllama import fast_c; "
@@ -219,6 +218,33 @@ def test_no_compiler_is_a_clear_error(monkeypatch, tmp_path):
     try:
         with pytest.raises(fast_c.BuildError, match="no C compiler"):
             fast_c.build_library()
+    finally:
+        fast_c.openmp_flags.cache_clear()
+
+
+@pytest.mark.parametrize("prefix", ["/opt/homebrew/opt/libomp", "/usr/local/opt/libomp"])
+def test_openmp_on_macos_through_homebrew_libomp(monkeypatch, tmp_path, prefix):
+    """Apple clang rejects a bare -fopenmp; we must find Homebrew's libomp (arm64 and Intel
+    prefixes). A stand-in compiler behaves like Apple clang with libomp under `prefix`."""
+    fake = tmp_path / "apple-clang"
+    fake.write_text(f"""#!{sys.executable}
+import sys
+args = sys.argv[1:]
+bare = "-fopenmp" in args and "-Xpreprocessor" not in args
+libomp = "-lomp" in args and "-I{prefix}/include" in args and "-L{prefix}/lib" in args
+if bare or ("-fopenmp" in args and not libomp):
+    sys.exit("clang: error: unsupported option '-fopenmp'")
+open(args[args.index("-o") + 1], "w").close()
+""")
+    fake.chmod(0o755)
+    monkeypatch.setattr(fast_c.platform, "system", lambda: "Darwin")
+    fast_c.openmp_flags.cache_clear()
+    try:
+        assert fast_c.openmp_flags(str(fake)) == (
+            ["-Xpreprocessor", "-fopenmp", f"-I{prefix}/include"], [f"-L{prefix}/lib", "-lomp"])
+        monkeypatch.setattr(fast_c.platform, "system", lambda: "Linux")
+        fast_c.openmp_flags.cache_clear()
+        assert fast_c.openmp_flags(str(fake)) == ([], [])   # elsewhere: build without OpenMP
     finally:
         fast_c.openmp_flags.cache_clear()
 
