@@ -37,15 +37,21 @@ static inline float hsum256(__m256 v) {
 }
 #endif
 
-/* dot products of 4 rows with x */
+/* dot products of 4 rows with x. The next 4 rows (16n bytes, right after w3) are prefetched
+ * two cache lines per step, so they arrive while these are summed: the weights stream from
+ * DRAM, and with short rows (288 floats in stories15M) the hardware prefetcher alone leaves
+ * a single thread waiting at every new block (measured: 10 -> 11-12 GB/s on one core). */
 static void dot4_f32(float *out, const float *x, const float *w0, const float *w1,
                      const float *w2, const float *w3, int n) {
     int j = 0;
     float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
+    uintptr_t next = (uintptr_t)(w3 + n);   /* integer math: a prefetch past the end never faults */
 #if defined(BL_AVX2)
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
     __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
     for (; j + 8 <= n; j += 8) {
+        __builtin_prefetch((const void *)(next + 16 * (uintptr_t)j), 0, 3);   /* 8 x 4 floats */
+        __builtin_prefetch((const void *)(next + 16 * (uintptr_t)j + 64), 0, 3);
         __m256 xv = _mm256_loadu_ps(x + j);
         a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w0 + j), xv, a0);
         a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w1 + j), xv, a1);
@@ -56,6 +62,7 @@ static void dot4_f32(float *out, const float *x, const float *w0, const float *w
 #elif defined(BL_NEON)
     float32x4_t a0 = vdupq_n_f32(0), a1 = vdupq_n_f32(0), a2 = vdupq_n_f32(0), a3 = vdupq_n_f32(0);
     for (; j + 4 <= n; j += 4) {
+        __builtin_prefetch((const void *)(next + 16 * (uintptr_t)j), 0, 3);   /* 4 x 4 floats */
         float32x4_t xv = vld1q_f32(x + j);
         a0 = vfmaq_f32(a0, vld1q_f32(w0 + j), xv);
         a1 = vfmaq_f32(a1, vld1q_f32(w1 + j), xv);
@@ -63,6 +70,8 @@ static void dot4_f32(float *out, const float *x, const float *w0, const float *w
         a3 = vfmaq_f32(a3, vld1q_f32(w3 + j), xv);
     }
     s0 = vaddvq_f32(a0); s1 = vaddvq_f32(a1); s2 = vaddvq_f32(a2); s3 = vaddvq_f32(a3);
+#else
+    (void)next;
 #endif
     for (; j < n; j++) {
         s0 += w0[j] * x[j]; s1 += w1[j] * x[j]; s2 += w2[j] * x[j]; s3 += w3[j] * x[j];
@@ -104,8 +113,9 @@ static long batch_work(const bl_matvec *jobs, int njobs, int n) {
 /* Each thread takes the same share of every matrix (schedule static) and goes on to the next
  * matrix without waiting (nowait): the threads meet once, at the end of the region. */
 void bl_matmuls_f32(const bl_matvec *jobs, int njobs, const float *x, int n, int threads) {
-    (void)threads;
-#pragma omp parallel num_threads(threads) if (batch_work(jobs, njobs, n) >= BL_PARALLEL_MIN)
+    long work = batch_work(jobs, njobs, n);
+    (void)threads, (void)work;   /* unused without OpenMP */
+#pragma omp parallel num_threads(threads) if (work >= BL_PARALLEL_MIN)
     for (int k = 0; k < njobs; k++) {
         const bl_matvec *j = &jobs[k];
         int nblocks = (j->d + 3) / 4, b;
@@ -173,8 +183,9 @@ static inline int32_t idot(const int8_t *a, const int8_t *b, int gs) {
 void bl_matmuls_q80(const bl_matvec *jobs, int njobs, const bl_qtensor *x, int n, int gs,
                     int threads) {
     int ngroups = n / gs;
-    (void)threads;
-#pragma omp parallel num_threads(threads) if (batch_work(jobs, njobs, n) >= BL_PARALLEL_MIN)
+    long work = batch_work(jobs, njobs, n);
+    (void)threads, (void)work;
+#pragma omp parallel num_threads(threads) if (work >= BL_PARALLEL_MIN)
     for (int k = 0; k < njobs; k++) {
         const bl_matvec *j = &jobs[k];
         const bl_qtensor *w = &j->w->q;

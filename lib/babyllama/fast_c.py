@@ -89,7 +89,8 @@ def build_flags() -> tuple[str, list[str], list[str]]:
     if "-march=native" in cflags and not _compiles(cc, ["-march=native"], "int main(void){}"):
         cflags.remove("-march=native")   # e.g. Apple clang on arm64 before version 15
     omp_c, omp_l = openmp_flags(cc)
-    return cc, [*BASE_FLAGS, *cflags, *omp_c], omp_l
+    serial = [] if omp_c else ["-Wno-unknown-pragmas"]   # the pragmas are simply ignored
+    return cc, [*BASE_FLAGS, *cflags, *omp_c, *serial], omp_l
 
 
 def cache_dir() -> Path:
