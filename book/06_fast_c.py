@@ -155,7 +155,36 @@ print("Once upon a time" + "".join(tok.stream(engine.generate(start, 256, 0.8, 0
 # (`make -C csrc && ./csrc/run out/book_v0.bin -z out/tok512.bin -i "Once upon a time"`), and
 # `babyllama generate ... --engine c`.
 #
-# ## 6.3 How fast?
+# ## 6.3 Where a token's time goes
+#
+# A token reads every weight once: stories15M in fp32 is 61 MB per token. That is far more than
+# the CPU caches hold, so the weights stream from main memory, and two cores of this machine
+# stream about 17–20 GB/s: at most ~300 tokens/s, however fast the arithmetic. Once the matmul
+# is SIMD, the rest of the kernel is about not wasting that stream:
+#
+# - **Prefetch.** `dot4_f32` asks for the next block of 4 rows while it sums the current one.
+#   stories15M's rows are short (288 floats), and the hardware prefetcher alone left each
+#   thread waiting at the start of every block (one core: 10 → 11–12 GB/s).
+# - **Fewer forks.** `wq`, `wk`, `wv` read the same input, and so do `w1`, `w3`: each group
+#   runs in one OpenMP region (`bl_matmuls_f32`), the threads meeting once instead of three
+#   times.
+# - **Attention that streams.** The KV cache is laid out per KV head,
+#   `(n_layers, n_kv_heads, seq_len, head_size)`, so a head's keys at positions 0..pos are one
+#   contiguous run rather than `head_size` floats out of every `kv_dim`-float row.
+# - **Nothing recomputed.** RoPE's `cos`/`sin` table (`freqs_cos`, `freqs_sin`) is made once
+#   at load, not per token and layer.
+# - **No thread idles in the sampler.** The softmax over 32,000 logits (in double, like
+#   NumPy's, so that both engines draw the same token) is split in fixed chunks across the
+#   threads; combining the chunks in a fixed order keeps the result the same for any thread
+#   count.
+#
+# On the machine this book was written on (2 cores), `bench/bench_engines.py --llama2c`
+# measured our CLI against llama2.c's `run` and `runq` (built `-Ofast -fopenmp
+# -march=native`) on the same files, as the median ratio of 7 back-to-back pairs, at 1 and 2
+# threads: stories15M fp32 1.16× and 1.24×, int8 1.45× and 1.54×; stories110M fp32 1.20× and
+# 1.22×, int8 1.54× and 1.39×; stories260K fp32 1.10× and 1.45×, int8 1.36× and 1.37×.
+#
+# ## 6.4 How fast?
 #
 # `bench/bench_engines.py` times every engine side by side — C at 1 and 2 threads, NumPy and
 # PyTorch, fp32 and int8, prompt processing and generation separately — on stories260K-, 15M-
@@ -171,6 +200,18 @@ rows = bench_engines.run_engines(["stories260K", "stories15M"], prompt_len=16, g
                                  threads=2)
 bench_engines.print_table(rows)
 png = bench_engines.plot(rows, paths.out / "bench_chapter06.png")
+
+# %% [markdown]
+# Weights read per token times tokens per second is the memory traffic each engine sustains;
+# the 1 MB stories260K fits in cache and is not limited by it, stories15M is:
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+for r in rows:
+    if r["engine"].startswith("C, 2"):
+        size = bench_engines.make_files(r["shape"])[0 if r["format"] == "fp32" else 2].stat().st_size
+        print(f"{r['shape']:12} {r['format']}: {size / 1e6:5.1f} MB per token x "
+              f"{r['gen_tok_s']:7.1f} tok/s = {size * r['gen_tok_s'] / 1e9:5.1f} GB/s")
 
 # %%
 # NBVAL_IGNORE_OUTPUT

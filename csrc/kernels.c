@@ -104,16 +104,17 @@ static void rows4_f32(float *out, const float *x, const float *w, int n, int d, 
     for (int i = 4 * b; i < d; i++) out[i] = dot1_f32(x, w + (size_t)i * n, n);
 }
 
-static long batch_work(const bl_matvec *jobs, int njobs, int n) {
+/* the multiply-adds of a batch, plus `per_row` more for each row's fixed costs */
+static long batch_work(const bl_matvec *jobs, int njobs, int n, int per_row) {
     long work = 0;
-    for (int k = 0; k < njobs; k++) work += (long)jobs[k].d * n;
+    for (int k = 0; k < njobs; k++) work += (long)jobs[k].d * (n + per_row);
     return work;
 }
 
 /* Each thread takes the same share of every matrix (schedule static) and goes on to the next
  * matrix without waiting (nowait): the threads meet once, at the end of the region. */
 void bl_matmuls_f32(const bl_matvec *jobs, int njobs, const float *x, int n, int threads) {
-    long work = batch_work(jobs, njobs, n);
+    long work = batch_work(jobs, njobs, n, 0);
     (void)threads, (void)work;   /* unused without OpenMP */
 #pragma omp parallel num_threads(threads) if (work >= BL_PARALLEL_MIN)
     for (int k = 0; k < njobs; k++) {
@@ -183,7 +184,9 @@ static inline int32_t idot(const int8_t *a, const int8_t *b, int gs) {
 void bl_matmuls_q80(const bl_matvec *jobs, int njobs, const bl_qtensor *x, int n, int gs,
                     int threads) {
     int ngroups = n / gs;
-    long work = batch_work(jobs, njobs, n);
+    /* each group adds a scaled float sum on top of its int8 products: with small groups
+     * (stories260K's are 4 wide) that dominates, and a small matrix is worth the threads */
+    long work = batch_work(jobs, njobs, n, 16 * ngroups);
     (void)threads, (void)work;
 #pragma omp parallel num_threads(threads) if (work >= BL_PARALLEL_MIN)
     for (int k = 0; k < njobs; k++) {

@@ -83,6 +83,9 @@ int main(int argc, char **argv) {
     if (strcmp(mode, "generate") != 0) { fprintf(stderr, "error: mode %s is not supported\n", mode); return 2; }
     if (seed == 0) seed = (unsigned long long)time(NULL);
     bl_model *m;
+#ifndef _OPENMP
+    if (threads > 1) fprintf(stderr, "warning: built without OpenMP: -T %d runs on one thread\n", threads);
+#endif
     if (bl_model_open(checkpoint, threads, &m, err, sizeof err) != BL_OK) { fprintf(stderr, "error: %s\n", err); return 1; }
     int32_t cfg[BL_CONFIG_LEN];
     bl_model_config(m, cfg);

@@ -269,6 +269,27 @@ def test_cli_matches_python(tmp_path, model_files, data_dir):
     assert bad.returncode == 2 and "Usage" in bad.stderr
 
 
+def test_makefile_rebuilds_when_flags_change(tmp_path, model_files, data_dir):
+    """`make OMP=` after `make` must not keep the OpenMP binary (nor the reverse), and a
+    serial CLI says that -T is ignored."""
+    src = tmp_path / "csrc"
+    shutil.copytree(CSRC, src, ignore=shutil.ignore_patterns("run", "run-asan", "*.so",
+                                                            ".build-flags"))
+    args = [str(model_files["260K", 0]), "-z", str(data_dir / "tok512.bin"), "-n", "8", "-T", "2"]
+
+    def build_and_run(*make_args: str) -> str:
+        subprocess.run(["make", "-s", "-C", str(src), "run", f"CC={_cc()}", *make_args],
+                       check=True, capture_output=True)
+        return subprocess.run([str(src / "run"), *args], capture_output=True, text=True,
+                              errors="replace", check=True).stderr
+
+    if not fast_c.openmp_flags(_cc())[0]:
+        pytest.skip(f"{_cc()} has no OpenMP: only the serial build can be made")
+    assert "without OpenMP" not in build_and_run()
+    assert "built without OpenMP: -T 2 runs on one thread" in build_and_run("OMP=")
+    assert "without OpenMP" not in build_and_run()
+
+
 def test_sanitizers_clean(tmp_path, model_files, data_dir):
     """ASan + UBSan build of the CLI: valid generation, truncated and corrupted files."""
     if subprocess.run([_cc(), "-fsanitize=address,undefined", "-x", "c", "-", "-o",
