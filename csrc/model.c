@@ -220,23 +220,27 @@ static int alloc_state(bl_model *m) {
     m->value_cache = calloc((size_t)c->n_layers * c->seq_len * kv, sizeof(float));
     m->probindex = calloc(c->vocab_size, sizeof(ProbIndex));
     m->probs = calloc(c->vocab_size, sizeof(float));
-    int head_size = c->dim / c->n_heads;
-    m->freqs_cos = calloc((size_t)c->seq_len * (head_size / 2), sizeof(double));
-    m->freqs_sin = calloc((size_t)c->seq_len * (head_size / 2), sizeof(double));
-    if (!m->freqs_cos || !m->freqs_sin)
-        return bl_fail(m->err, sizeof m->err, BL_ERR_NOMEM, "out of memory for the RoPE tables");
-    /* RoPE angles pos * 10000^(-2i/head_size), computed once rather than per token and layer */
-    for (int i = 0; i < head_size / 2; i++) {
-        double freq = 1.0 / pow(10000.0, 2 * i / (double)head_size);
-        for (int pos = 0; pos < c->seq_len; pos++) {
-            m->freqs_cos[(size_t)pos * (head_size / 2) + i] = cos(pos * freq);
-            m->freqs_sin[(size_t)pos * (head_size / 2) + i] = sin(pos * freq);
-        }
-    }
+    size_t half = (size_t)(c->dim / c->n_heads) / 2;
+    m->freqs_cos = calloc((size_t)c->seq_len * half, sizeof(double));
+    m->freqs_sin = calloc((size_t)c->seq_len * half, sizeof(double));
     if (!m->x || !m->xb || !m->xb2 || !m->hb || !m->hb2 || !m->q || !m->k || !m->v || !m->att || !m->acc || !m->logits ||
-        !m->xq_q || !m->xq_s || !m->key_cache || !m->value_cache || !m->probindex || !m->probs)
+        !m->xq_q || !m->xq_s || !m->key_cache || !m->value_cache || !m->probindex || !m->probs ||
+        !m->freqs_cos || !m->freqs_sin)
         return bl_fail(m->err, sizeof m->err, BL_ERR_NOMEM, "out of memory for the KV cache and activations");
     return BL_OK;
+}
+
+/* RoPE's cos and sin of pos * 10000^(-2i/head_size), computed once rather than per token and
+ * layer: freqs_cos/sin[pos][i] for i < head_size / 2 */
+static void rope_tables(bl_model *m) {
+    int head_size = m->c.dim / m->c.n_heads, half = head_size / 2;
+    for (int i = 0; i < half; i++) {
+        double freq = 1.0 / pow(10000.0, 2 * i / (double)head_size);
+        for (int pos = 0; pos < m->c.seq_len; pos++) {
+            m->freqs_cos[(size_t)pos * half + i] = cos(pos * freq);
+            m->freqs_sin[(size_t)pos * half + i] = sin(pos * freq);
+        }
+    }
 }
 
 int bl_model_open(const char *path, int threads, bl_model **out, char *err, size_t errlen) {
@@ -283,6 +287,7 @@ int bl_model_open(const char *path, int threads, bl_model **out, char *err, size
         bl_model_close(m);
         return rc;
     }
+    rope_tables(m);
     *out = m;
     return BL_OK;
 }
@@ -406,16 +411,22 @@ static void softmax_d(double *x, int n) {
  * vocabulary is cut into a fixed number of chunks (not one per thread) and the chunks' maxima
  * and sums are combined in chunk order, so the result is the same with any thread count. */
 #define SOFTMAX_CHUNKS 8
+static void chunk(int c, int n, int *lo, int *hi) {   /* chunk c of [0, n) */
+    int len = (n + SOFTMAX_CHUNKS - 1) / SOFTMAX_CHUNKS;
+    *lo = c * len < n ? c * len : n;
+    *hi = *lo + len < n ? *lo + len : n;
+}
+
 static void softmax_probs(bl_model *m, const float *logits, float temperature, float *probs) {
-    int n = m->c.vocab_size, len = (n + SOFTMAX_CHUNKS - 1) / SOFTMAX_CHUNKS;
+    int n = m->c.vocab_size;
     double *pd = m->att;   /* scratch of at least vocab_size doubles, see alloc_state */
     double cmax[SOFTMAX_CHUNKS], csum[SOFTMAX_CHUNKS];
 #pragma omp parallel num_threads(m->threads) if (n >= 1 << 13)
     {
-        int c;
+        int c, lo, hi;
 #pragma omp for schedule(static)
         for (c = 0; c < SOFTMAX_CHUNKS; c++) {
-            int lo = c * len, hi = lo + len < n ? lo + len : n;
+            chunk(c, n, &lo, &hi);
             for (int i = lo; i < hi; i++) pd[i] = logits[i] / temperature;
             cmax[c] = hi > lo ? max_d(pd + lo, hi - lo) : -INFINITY;
         }
@@ -423,14 +434,14 @@ static void softmax_probs(bl_model *m, const float *logits, float temperature, f
         for (c = 1; c < SOFTMAX_CHUNKS; c++) max = cmax[c] > max ? cmax[c] : max;
 #pragma omp for schedule(static)
         for (c = 0; c < SOFTMAX_CHUNKS; c++) {
-            int lo = c * len, hi = lo + len < n ? lo + len : n;
+            chunk(c, n, &lo, &hi);
             csum[c] = hi > lo ? exp_sum_d(pd + lo, hi - lo, max) : 0.0;
         }
         double sum = 0.0;
         for (c = 0; c < SOFTMAX_CHUNKS; c++) sum += csum[c];
 #pragma omp for schedule(static)
         for (c = 0; c < SOFTMAX_CHUNKS; c++) {
-            int lo = c * len, hi = lo + len < n ? lo + len : n;
+            chunk(c, n, &lo, &hi);
             for (int i = lo; i < hi; i++) probs[i] = (float)(pd[i] / sum);
         }
     }

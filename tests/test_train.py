@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import signal
@@ -124,8 +125,6 @@ def test_float16_resume_is_exact_with_the_grad_scaler(data_dir, tmp_path):
 def test_grad_scaler_skips_steps_whose_gradients_overflow(data_dir, tmp_path, monkeypatch):
     """With a loss scale of 2^40 every fp16 backward overflows: each step must be skipped
     (weights untouched) and the scale halved, instead of inf reaching the weights."""
-    import functools
-
     kw = dict(dtype="float16", dropout=0.0)
     init = _weights(train(_cfg(data_dir, tmp_path / "init", max_iters=0, **kw)))
     monkeypatch.setattr(torch.amp, "GradScaler",
