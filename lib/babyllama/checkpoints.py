@@ -177,8 +177,72 @@ def load_llama2c(path: Path) -> Transformer:
     return build(args, sd, path, tied=w.shared_classifier)
 
 
+# ----------------------------------------------------------------------------------------------
+# refusing what our model cannot represent, rather than loading a different model
+
+def hf_unsupported(cfg: dict) -> list[str]:
+    """What a Hugging Face config asks for that our Llama cannot do (empty: nothing)."""
+    bad = []
+    if cfg.get("model_type", "llama") != "llama":
+        bad.append(f"model_type {cfg['model_type']!r} (only 'llama' is supported)")
+    if cfg.get("hidden_act", "silu") != "silu":
+        bad.append(f"hidden_act {cfg['hidden_act']!r} (our feed-forward is SwiGLU: 'silu')")
+    for k in ("attention_bias", "mlp_bias"):
+        if cfg.get(k):
+            bad.append(f"{k} = true (our linear layers have no biases)")
+    scaling = cfg.get("rope_scaling")
+    rope_type = (cfg.get("rope_parameters") or {}).get("rope_type", "default")
+    if scaling:
+        bad.append(f"rope_scaling {scaling} (we implement plain RoPE only)")
+    if rope_type != "default":
+        bad.append(f"rope_parameters.rope_type {rope_type!r} (we implement plain RoPE only)")
+    hd = cfg.get("head_dim")
+    if hd is not None and hd * cfg.get("num_attention_heads", 1) != cfg.get("hidden_size"):
+        bad.append(f"head_dim {hd} != hidden_size / num_attention_heads")
+    return bad
+
+
+def hf_rope_theta(cfg: dict) -> float:
+    """transformers 5 keeps rope_theta inside rope_parameters; 4.x at the top level."""
+    return float((cfg.get("rope_parameters") or {}).get("rope_theta",
+                                                          cfg.get("rope_theta", 10000.0)))
+
+
+META_FIELDS = {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of",
+               "ffn_dim_multiplier", "norm_eps", "rope_theta", "max_seq_len", "max_batch_size",
+               "use_scaled_rope"}
+
+
+def meta_unsupported(params: dict) -> list[str]:
+    bad = [f"unknown field {k!r} (cannot tell whether our model represents it)"
+           for k in sorted(params) if k not in META_FIELDS]
+    if params.get("use_scaled_rope"):
+        bad.append("use_scaled_rope = true (Llama 3.1's rope scaling; we implement plain RoPE)")
+    return bad
+
+
+def _refuse(source: Path, bad: list[str]) -> None:
+    if bad:
+        raise CheckpointError(f"{source}: this checkpoint needs what babyllama's Llama cannot "
+                              f"represent:\n  " + "\n  ".join(bad))
+
+
+def check_tied(source: Path, says_tied: bool, sd: dict, emb: str, out: str) -> bool:
+    """Whether the classifier is tied, consistent between the config and the tensors."""
+    if out not in sd:
+        if not says_tied:
+            raise CheckpointError(f"{source}: the config says the classifier is not tied "
+                                  f"(tie_word_embeddings false), but there is no {out}")
+        return True
+    if says_tied and not torch.equal(sd[out], sd[emb]):
+        raise CheckpointError(f"{source}: the config says the classifier is tied to {emb} "
+                              f"(tie_word_embeddings true), but {out} differs from it")
+    return says_tied
+
+
 def load_hf(path: Path) -> Transformer:
     cfg = json.loads((path / "config.json").read_text())
+    _refuse(path / "config.json", hf_unsupported(cfg))
     try:
         args = ModelArgs(dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"],
                          n_heads=cfg["num_attention_heads"],
@@ -186,7 +250,7 @@ def load_hf(path: Path) -> Transformer:
                          vocab_size=cfg["vocab_size"], hidden_dim=cfg["intermediate_size"],
                          norm_eps=cfg.get("rms_norm_eps", 1e-5),
                          max_seq_len=cfg.get("max_position_embeddings", 2048),
-                         rope_theta=cfg.get("rope_theta", 10000.0))
+                         rope_theta=hf_rope_theta(cfg))
     except KeyError as e:
         raise CheckpointError(f"{path / 'config.json'}: missing field {e}") from e
     if (path / "model.safetensors").exists():
@@ -197,12 +261,16 @@ def load_hf(path: Path) -> Transformer:
         sd = _torch_load(path / "pytorch_model.bin")
     else:
         raise CheckpointError(f"{path}: no model.safetensors or pytorch_model.bin")
-    tied = cfg.get("tie_word_embeddings", False) or "lm_head.weight" not in sd
+    biases = sorted(k for k in sd if k.endswith(".bias"))
+    _refuse(path, [f"{k} (our linear layers have no biases)" for k in biases])
+    tied = check_tied(path, cfg.get("tie_word_embeddings", False), sd,
+                      "model.embed_tokens.weight", "lm_head.weight")
     return build(args, from_hf(sd, args), path, tied=tied)
 
 
 def load_meta(path: Path) -> Transformer:
     params = json.loads((path / "params.json").read_text())
+    _refuse(path / "params.json", meta_unsupported(params))
     shards = sorted(path.glob("consolidated.*.pth"))
     if not shards:
         raise CheckpointError(f"{path}: no consolidated.*.pth next to params.json")

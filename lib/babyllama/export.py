@@ -123,13 +123,75 @@ def weights_from_torch(model) -> tuple[ModelArgs, dict[str, np.ndarray], bool]:
     return model.params, w, bool(model.shared_classifier)
 
 
+# ----------------------------------------------------------------------------------------------
+# fidelity: what the llama2.c formats cannot say
+
+LLAMA2C_ASSUMES = {"norm_eps": 1e-5, "rope_theta": 10000.0}   # run.c hard-codes both
+
+
+def unrepresentable(a: ModelArgs) -> list[tuple[str, float, float]]:
+    """(field, the model's value, the value llama2.c's readers assume) for each field that a
+    v0/v1/v2 file has no room for and that differs from what run.c assumes."""
+    return [(k, getattr(a, k), v) for k, v in LLAMA2C_ASSUMES.items() if getattr(a, k) != v]
+
+
+def approximation_error(model, probe_len: int = 64, seed: int = 0) -> float:
+    """max |logit difference| between `model` and the model a llama2.c file describes (the same
+    weights with run.c's norm_eps and rope_theta), on a seeded random probe sequence."""
+    import dataclasses
+
+    import torch
+
+    from babyllama.model import Transformer
+
+    carried = dataclasses.replace(model.params, **LLAMA2C_ASSUMES)
+    as_read = Transformer(carried).eval()
+    if not model.shared_classifier:
+        as_read.output.weight = torch.nn.Parameter(model.output.weight.detach().clone())
+    as_read.load_state_dict(model.state_dict())
+    n = min(probe_len, model.params.max_seq_len)
+    x = torch.randint(0, model.params.vocab_size, (1, n),
+                      generator=torch.Generator().manual_seed(seed))
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        diff = (model(x)[0].float() - as_read(x)[0].float()).abs().max().item()
+    model.train(was_training)
+    return diff
+
+
+def check_fidelity(model, approximate: bool = False) -> float | None:
+    """Refuse (ValueError) a model a llama2.c file cannot describe exactly, unless `approximate`:
+    then return the measured max |delta logit| of the file's model (None if nothing differs)."""
+    a = model[0] if isinstance(model, tuple) else model.params
+    bad = unrepresentable(a)
+    if not bad:
+        return None
+    what = "; ".join(f"{k} = {v:g} but llama2.c's formats have no field for it and run.c assumes "
+                     f"{want:g}" for k, v, want in bad)
+    if not approximate:
+        raise ValueError(f"cannot write this model exactly: {what}. Pass approximate=True "
+                         f"(--approximate) to write it anyway, or export to GGUF, which "
+                         f"carries both")
+    if isinstance(model, tuple):
+        raise ValueError(f"{what}: approximate=True needs the Transformer, to measure the error")
+    err = approximation_error(model)
+    print(f"approximate export: {what}; max |delta logit| on a probe sequence: {err:.3e}")
+    return err
+
+
 def write_model(model, path: str | Path, version: int = 0, group_size: int = 64,
-                report: dict[str, float] | None = None) -> Path:
+                report: dict[str, float] | None = None, approximate: bool = False) -> Path:
     """Write a Transformer (or a tuple (args, weights, shared) of NumPy arrays) to `path`.
 
-    For v2, pass a dict as `report` to receive each matrix's maximum quantization error."""
+    The weights of a tuple may be any mapping that loads a tensor when asked for it (a lazy view
+    of a sharded checkpoint): tensors are converted and written one at a time. A model whose
+    norm_eps or rope_theta the format cannot carry is refused unless `approximate` (see
+    `check_fidelity`). For v2, pass a dict as `report` to receive each matrix's maximum
+    quantization error."""
     if version not in (0, 1, 2):
         raise ValueError(f"unsupported llama2.c format version {version}: expected 0, 1 or 2")
+    check_fidelity(model, approximate)
     a, w, shared = model if isinstance(model, tuple) else weights_from_torch(model)
     if shared is None:
         shared = "output" not in w or np.array_equal(w["output"], w["tok_embeddings"])
@@ -149,12 +211,14 @@ def write_model(model, path: str | Path, version: int = 0, group_size: int = 64,
                 head += struct.pack("i", gs) if version == 2 else b""
                 f.write(head.ljust(HEADER_V1, b"\0"))
             names = _tensor_order(version, a.n_layers, shared)
+            rope = {}
             if version == 0 and "freq_cis_real" not in w:   # unused RoPE tables, kept for
                 freqs = 1.0 / a.rope_theta ** (np.arange(0, a.head_dim, 2) / a.head_dim)
                 ang = np.outer(np.arange(a.max_seq_len), freqs)   # run.c's layout
-                w = {**w, "freq_cis_real": np.cos(ang), "freq_cis_imag": np.sin(ang)}
+                rope = {"freq_cis_real": np.cos(ang), "freq_cis_imag": np.sin(ang)}
             for name in names:
-                arr = np.ascontiguousarray(w[name], dtype=np.float32)
+                arr = np.ascontiguousarray(rope[name] if name in rope else w[name],
+                                           dtype=np.float32)
                 if arr.shape != _shape(name, a):
                     raise ValueError(f"{name}: expected shape {_shape(name, a)}, got {arr.shape}")
                 if version == 2 and arr.ndim == 2:

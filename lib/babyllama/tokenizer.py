@@ -304,3 +304,132 @@ class Tokenizer:
         tail = dec.decode(b"", final=True)
         if tail:
             yield tail
+
+
+# ----------------------------------------------------------------------------------------------
+# Hugging Face: tokenizer.json for the fast (Rust) tokenizer, built from the SentencePiece model
+
+def _proto_fields(buf: bytes) -> Iterator[tuple[int, int, int | bytes]]:
+    """(field number, wire type, value) of a protobuf message: just enough to read the few
+    settings of a SentencePiece model that decide how text is encoded (no protobuf needed)."""
+    i = 0
+
+    def varint() -> int:
+        nonlocal i
+        out = shift = 0
+        while True:
+            b = buf[i]
+            i += 1
+            out |= (b & 0x7F) << shift
+            shift += 7
+            if b < 0x80:
+                return out
+
+    while i < len(buf):
+        key = varint()
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            yield field, wire, varint()
+        elif wire == 2:
+            n = varint()
+            yield field, wire, buf[i:i + n]
+            i += n
+        elif wire in (1, 5):
+            i += 8 if wire == 1 else 4
+        else:
+            raise TokenizerError(f"unexpected protobuf wire type {wire}")
+
+
+def sentencepiece_settings(path: str | Path) -> dict[str, object]:
+    """model_type, byte_fallback, normalizer name, add_dummy_prefix, remove_extra_whitespaces,
+    with sentencepiece's defaults where the file leaves a field out."""
+    s: dict[str, object] = {"model_type": 1, "byte_fallback": False, "normalizer": "nmt_nfkc",
+                            "add_dummy_prefix": True, "remove_extra_whitespaces": True}
+    try:
+        for field, _, value in _proto_fields(Path(path).read_bytes()):
+            if field == 2:    # TrainerSpec: model_type = 3, byte_fallback = 35
+                for f, _, v in _proto_fields(value):
+                    if f == 3:
+                        s["model_type"] = v
+                    elif f == 35:
+                        s["byte_fallback"] = bool(v)
+            elif field == 3:  # NormalizerSpec: name = 1, add_dummy_prefix = 3, remove_extra_ws = 4
+                for f, _, v in _proto_fields(value):
+                    if f == 1:
+                        s["normalizer"] = v.decode()
+                    elif f == 3:
+                        s["add_dummy_prefix"] = bool(v)
+                    elif f == 4:
+                        s["remove_extra_whitespaces"] = bool(v)
+    except (IndexError, UnicodeDecodeError) as e:
+        raise TokenizerError(f"{path}: cannot read the model's settings ({e})") from e
+    return s
+
+
+def save_hf_tokenizer(sentencepiece_model_path: str | Path, out_dir: str | Path) -> Path:
+    """Write tokenizer.json + tokenizer_config.json + special_tokens_map.json into `out_dir`, so
+    that transformers' AutoTokenizer (the fast tokenizer) gives sentencepiece's ids, BOS first.
+
+    Only what the fast tokenizer can reproduce exactly is accepted: a BPE model with identity
+    normalization and no whitespace collapsing (Llama 2's tokenizer and ours). The merges are
+    every split of a vocabulary piece into two pieces, ranked by the merged piece's score,
+    which is the pair sentencepiece's BPE merges first."""
+    import json
+
+    from tokenizers import AddedToken, decoders, models, normalizers, processors
+    from tokenizers import Tokenizer as FastTokenizer
+
+    path = Path(sentencepiece_model_path)
+    sp = load_sentencepiece(path)
+    cfg = sentencepiece_settings(path)
+    wrong = [f"{k} = {cfg[k]!r} (need {v!r})" for k, v in (
+        ("model_type", 2), ("normalizer", "identity"), ("remove_extra_whitespaces", False))
+        if cfg[k] != v]
+    if wrong:
+        raise TokenizerError(f"{path}: the fast tokenizer cannot reproduce this model exactly: "
+                             + ", ".join(wrong))
+    n = sp.vocab_size()
+    vocab = {sp.id_to_piece(i): i for i in range(n)}
+    normal = {i for i in range(n) if not (sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i)
+                                          or sp.is_unused(i))}
+    merges = []
+    for i in normal:
+        piece = sp.id_to_piece(i)
+        for k in range(1, len(piece)):
+            left, right = vocab.get(piece[:k]), vocab.get(piece[k:])
+            if left in normal and right in normal:
+                merges.append((-sp.get_score(i), i, left, right))
+    merges.sort()
+    bpe = models.BPE(vocab=vocab, merges=[(sp.id_to_piece(l), sp.id_to_piece(r))
+                                          for _, _, l, r in merges],
+                     unk_token=sp.id_to_piece(sp.unk_id()), fuse_unk=True,
+                     byte_fallback=bool(cfg["byte_fallback"]))
+    tok = FastTokenizer(bpe)
+    steps = [normalizers.Replace(" ", "▁")]
+    if cfg["add_dummy_prefix"]:
+        steps.insert(0, normalizers.Prepend("▁"))
+    tok.normalizer = normalizers.Sequence(steps)
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
+                                     decoders.Fuse()]
+                                    + ([decoders.Strip(" ", 1, 0)]
+                                       if cfg["add_dummy_prefix"] else []))
+    bos, eos, unk = (sp.id_to_piece(sp.bos_id()), sp.id_to_piece(sp.eos_id()),
+                     sp.id_to_piece(sp.unk_id()))
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, sp.bos_id())])
+    tok.add_special_tokens([AddedToken(t, normalized=False, special=True)
+                            for t in (unk, bos, eos)])
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "eos_token": eos,
+              "unk_token": unk, "add_bos_token": True, "add_eos_token": False,
+              "clean_up_tokenization_spaces": False, "model_max_length": 1 << 30,
+              "legacy": True, "split_special_tokens": True}
+    for name, text in (("tokenizer.json", tok.to_str(pretty=True)),
+                       ("tokenizer_config.json", json.dumps(config, indent=2)),
+                       ("special_tokens_map.json", json.dumps(
+                           {"bos_token": bos, "eos_token": eos, "unk_token": unk}, indent=2))):
+        tmp = out / (name + ".tmp")
+        tmp.write_text(text + "\n", encoding="utf-8")
+        tmp.replace(out / name)
+    return out
