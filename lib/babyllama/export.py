@@ -338,3 +338,136 @@ def dequantized(w: Weights) -> dict[str, np.ndarray]:
             continue
         out[k] = dequantize_q80(v, w[k + ".scale"], w.group_size) if v.dtype == np.int8 else v
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# GGUF: llama.cpp's format, which carries everything (eps, theta, GQA, vocabulary) itself
+
+GGUF_DTYPES = ("f32", "f16", "q8_0")
+GGUF_TENSORS = {   # ours -> gguf's MODEL_TENSOR member (the names llama.cpp's llama reads)
+    "tok_embeddings": "TOKEN_EMBD", "norm": "OUTPUT_NORM", "output": "OUTPUT",
+    "attention_norm": "ATTN_NORM", "wq": "ATTN_Q", "wk": "ATTN_K", "wv": "ATTN_V",
+    "wo": "ATTN_OUT", "ffn_norm": "FFN_NORM", "w1": "FFN_GATE", "w2": "FFN_DOWN", "w3": "FFN_UP",
+}
+
+
+def gguf_name(name: str) -> str:
+    """Our name (layers.3.wq) -> GGUF's (blk.3.attn_q.weight)."""
+    import gguf
+
+    parts = name.split(".")
+    bid = int(parts[1]) if parts[0] == "layers" else None
+    tensor = gguf.MODEL_TENSOR[GGUF_TENSORS[parts[-1]]]
+    return gguf.TENSOR_NAMES[tensor].format(bid=bid) + ".weight"
+
+
+def _gguf_type(shape: tuple[int, ...], dtype: str):
+    """The GGML type a tensor is stored as: norms stay f32; a q8_0 matrix whose rows are not a
+    whole number of 32-value blocks stays f32 as well."""
+    import gguf
+
+    T = gguf.GGMLQuantizationType
+    if len(shape) == 1 or dtype == "f32":
+        return T.F32
+    if dtype == "f16":
+        return T.F16
+    return T.Q8_0 if shape[-1] % gguf.GGML_QUANT_SIZES[T.Q8_0][0] == 0 else T.F32
+
+
+def _gguf_nbytes(shape: tuple[int, ...], qtype) -> int:
+    import gguf
+
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    return int(np.prod(shape)) // block * size
+
+
+def _gguf_vocab(writer, tokenizer_model_path: str | Path, vocab_size: int) -> None:
+    import gguf
+
+    from babyllama.tokenizer import load_sentencepiece
+
+    sp = load_sentencepiece(tokenizer_model_path)
+    if sp.vocab_size() != vocab_size:
+        raise ValueError(f"{tokenizer_model_path}: {sp.vocab_size()} pieces, but the model's "
+                         f"vocab_size is {vocab_size}")
+    T = gguf.TokenType
+    kinds = [T.UNKNOWN if sp.is_unknown(i) else T.CONTROL if sp.is_control(i) else
+             T.BYTE if sp.is_byte(i) else T.UNUSED if sp.is_unused(i) else T.NORMAL
+             for i in range(vocab_size)]
+    writer.add_tokenizer_model("llama")   # SentencePiece BPE with byte fallback
+    writer.add_token_list([sp.id_to_piece(i) for i in range(vocab_size)])
+    writer.add_token_scores([sp.get_score(i) for i in range(vocab_size)])
+    writer.add_token_types([int(k) for k in kinds])
+    writer.add_bos_token_id(sp.bos_id())
+    writer.add_eos_token_id(sp.eos_id())
+    writer.add_unk_token_id(sp.unk_id())
+    writer.add_add_bos_token(True)
+    writer.add_add_eos_token(False)
+
+
+def write_gguf(model, tokenizer_model_path: str | Path, path: str | Path,
+               dtype: str = "f32") -> Path:
+    """Write a Transformer (or a tuple (args, weights, shared)) as a GGUF file for llama.cpp.
+
+    wq and wk go in as they are: llama.cpp's llama rotates interleaved pairs, as Meta's code
+    and ours do (its converter undoes Hugging Face's permutation). Tensors are converted and
+    written one at a time, so a lazy `weights` mapping keeps memory to about one tensor."""
+    import gguf
+
+    if dtype not in GGUF_DTYPES:
+        raise ValueError(f"unsupported GGUF dtype {dtype!r}: expected one of {GGUF_DTYPES}")
+    a, w, shared = model if isinstance(model, tuple) else weights_from_torch(model)
+    path = Path(path)
+    names = ["tok_embeddings", *[f"layers.{l}.{m}" for l in range(a.n_layers) for m in
+                                 ("attention_norm", *LAYER_MATS[:4], "ffn_norm", *LAYER_MATS[4:])],
+             "norm", *([] if shared else ["output"])]
+    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                 "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype]
+    tmp = path.with_name(path.name + ".tmp")
+    writer = None
+    try:
+        writer = gguf.GGUFWriter(None, "llama")
+        writer.add_name(path.stem)
+        writer.add_context_length(a.max_seq_len)
+        writer.add_embedding_length(a.dim)
+        writer.add_block_count(a.n_layers)
+        writer.add_feed_forward_length(a.hidden_dim)
+        writer.add_head_count(a.n_heads)
+        writer.add_head_count_kv(a.n_kv_heads)
+        writer.add_rope_dimension_count(a.head_dim)
+        writer.add_layer_norm_rms_eps(a.norm_eps)
+        writer.add_rope_freq_base(a.rope_theta)
+        writer.add_vocab_size(a.vocab_size)
+        writer.add_file_type(int(file_type))
+        if dtype == "q8_0":
+            writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        _gguf_vocab(writer, tokenizer_model_path, a.vocab_size)
+        types = {}
+        for name in names:
+            shape = _shape(name, a)
+            types[name] = _gguf_type(shape, dtype)
+            writer.add_tensor_info(gguf_name(name), shape, np.dtype(np.float32),
+                                   _gguf_nbytes(shape, types[name]), raw_dtype=types[name])
+        writer.write_header_to_file(tmp)
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for name in names:
+            arr = np.ascontiguousarray(w[name], dtype=np.float32)
+            if arr.shape != _shape(name, a):
+                raise ValueError(f"{name}: expected shape {_shape(name, a)}, got {arr.shape}")
+            if types[name] == gguf.GGMLQuantizationType.F16:
+                arr = arr.astype(np.float16)
+            elif types[name] == gguf.GGMLQuantizationType.Q8_0:
+                arr = gguf.quants.quantize(arr, types[name])
+            writer.write_tensor_data(arr)
+            del arr
+        writer.close()
+        os.replace(tmp, path)
+    except OSError as e:
+        raise OSError(f"{path}: cannot write the GGUF file ({e.strerror or e})") from e
+    finally:
+        if writer is not None:
+            writer.close()
+        if tmp.exists():   # what a failure left (after success it was renamed already)
+            tmp.unlink()
+    return path
