@@ -25,9 +25,9 @@ class CheckpointError(ValueError):
     pass
 
 
-def _torch_load(path: Path) -> dict:
+def _torch_load(path: Path, mmap: bool = False) -> dict:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:   # pickle errors come in many types; report which file and why
         raise CheckpointError(f"{path}: cannot load as a weights-only torch checkpoint: {e}") from e
 
@@ -76,54 +76,77 @@ def to_hf(sd: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tenso
     return out
 
 
-def from_hf(sd: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
+def hf_to_ours(k: str, args: ModelArgs) -> tuple[str | None, int | None]:
+    """(our name or None for a buffer to drop, heads to un-permute by or None) of a HF name.
+    An unknown name is kept as it is: `build` reports it as unexpected."""
     inv = {v: k for k, v in HF_NAMES.items()}
     inv_top = {v: k for k, v in HF_TOP.items()}
+    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", k)
+    if m and m.group(2) in inv:
+        name = inv[m.group(2)]
+        heads = {"attention.wq.weight": args.n_heads,
+                 "attention.wk.weight": args.n_kv_heads}.get(name)
+        return f"layers.{m.group(1)}.{name}", heads
+    if k in inv_top:
+        return inv_top[k], None
+    if k.endswith("rotary_emb.inv_freq"):   # a buffer older transformers saved
+        return None, None
+    return k, None
+
+
+def from_hf(sd: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
     out = {}
     for k, v in sd.items():
-        m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", k)
-        if m and m.group(2) in inv:
-            name = inv[m.group(2)]
-            if name == "attention.wq.weight":
-                v = permute_from_hf(v, args.n_heads)
-            elif name == "attention.wk.weight":
-                v = permute_from_hf(v, args.n_kv_heads)
-            out[f"layers.{m.group(1)}.{name}"] = v
-        elif k in inv_top:
-            out[inv_top[k]] = v
-        elif not k.endswith("rotary_emb.inv_freq"):   # a buffer older transformers saved
-            out[k] = v   # unknown: reported as unexpected by load_state
+        name, heads = hf_to_ours(k, args)
+        if name is not None:
+            out[name] = permute_from_hf(v, heads) if heads else v
     return out
 
 
 # ----------------------------------------------------------------------------------------------
 # building a model from a state dict, with an error that lists every problem
 
-def build(args: ModelArgs, sd: dict[str, torch.Tensor], source: Path,
-          tied: bool | None = None) -> Transformer:
-    model = Transformer(args)
-    if tied is None:
-        tied = "output.weight" not in sd or torch.equal(sd["output.weight"],
-                                                        sd["tok_embeddings.weight"])
-    if not tied:
-        model.output.weight = nn.Parameter(model.tok_embeddings.weight.detach().clone())
-    sd = dict(sd)
-    if tied:
-        sd.setdefault("output.weight", sd.get("tok_embeddings.weight"))
-    expected = model.state_dict()
-    missing = sorted(k for k in expected if k not in sd or sd[k] is None)
-    unexpected = sorted(k for k in sd if k not in expected)
-    mismatched = [f"{k}: expected {tuple(expected[k].shape)}, found {tuple(sd[k].shape)}"
-                  for k in expected if k in sd and sd[k] is not None
-                  and sd[k].shape != expected[k].shape]
-    if missing or unexpected or mismatched:
-        lines = ([f"missing: {k}" for k in missing] + [f"unexpected: {k}" for k in unexpected]
-                 + [f"shape mismatch: {m}" for m in mismatched])
+def check_names(args: ModelArgs, shapes: dict[str, tuple[int, ...]], source: Path,
+                tied: bool) -> None:
+    """Raise a CheckpointError listing every tensor missing, unexpected or of the wrong shape."""
+    from babyllama.export import layer_shapes
+
+    expected = {"tok_embeddings.weight": (args.vocab_size, args.dim), "norm.weight": (args.dim,),
+                "output.weight": (args.vocab_size, args.dim)}
+
+    sub = {"wq": "attention.", "wk": "attention.", "wv": "attention.", "wo": "attention.",
+           "w1": "feed_forward.", "w2": "feed_forward.", "w3": "feed_forward."}
+    for l in range(args.n_layers):
+        for name, shape in layer_shapes(args).items():
+            expected[f"layers.{l}.{sub.get(name, '')}{name}.weight"] = shape
+    shapes = dict(shapes)
+    if tied and "tok_embeddings.weight" in shapes:
+        shapes.setdefault("output.weight", shapes["tok_embeddings.weight"])
+    lines = ([f"missing: {k}" for k in sorted(expected) if k not in shapes]
+             + [f"unexpected: {k}" for k in sorted(shapes) if k not in expected]
+             + [f"shape mismatch: {k}: expected {v}, found {shapes[k]}"
+                for k, v in expected.items() if k in shapes and shapes[k] != v])
+    if lines:
         raise CheckpointError(f"{source}: checkpoint does not match the model:\n  "
                               + "\n  ".join(lines))
+
+
+def build(args: ModelArgs, sd, source: Path, tied: bool | None = None) -> Transformer:
+    """A Transformer holding the tensors of `sd` (a dict, or a lazy mapping with `.shapes`, read
+    one tensor at a time)."""
+    shapes = getattr(sd, "shapes", None) or {k: tuple(v.shape) for k, v in sd.items()
+                                             if v is not None}
+    if tied is None:
+        tied = "output.weight" not in shapes or torch.equal(sd["output.weight"],
+                                                            sd["tok_embeddings.weight"])
+    check_names(args, shapes, source, tied)
+    model = Transformer(args)
+    if not tied:
+        model.output.weight = nn.Parameter(model.tok_embeddings.weight.detach().clone())
     with torch.no_grad():
-        for k, v in expected.items():
-            v.copy_(sd[k].to(v.dtype))
+        for k, v in model.state_dict().items():
+            if not (tied and k == "output.weight"):   # tied: the embedding's own storage
+                v.copy_(sd[k].to(v.dtype))
     return model
 
 
@@ -240,7 +263,8 @@ def check_tied(source: Path, says_tied: bool, sd: dict, emb: str, out: str) -> b
     return says_tied
 
 
-def load_hf(path: Path) -> Transformer:
+def open_hf(path: Path):
+    """(args, lazy state dict in our names, tied) of a Hugging Face directory."""
     cfg = json.loads((path / "config.json").read_text())
     _refuse(path / "config.json", hf_unsupported(cfg))
     try:
@@ -253,49 +277,57 @@ def load_hf(path: Path) -> Transformer:
                          rope_theta=hf_rope_theta(cfg))
     except KeyError as e:
         raise CheckpointError(f"{path / 'config.json'}: missing field {e}") from e
-    if (path / "model.safetensors").exists():
-        from safetensors.torch import load_file
+    from babyllama.shards import LazyStateDict, hf_tensor_files, read_tensor
 
-        sd = load_file(path / "model.safetensors")
-    elif (path / "pytorch_model.bin").exists():
-        sd = _torch_load(path / "pytorch_model.bin")
-    else:
-        raise CheckpointError(f"{path}: no model.safetensors or pytorch_model.bin")
-    biases = sorted(k for k in sd if k.endswith(".bias"))
+    files, shapes = hf_tensor_files(path)
+    biases = sorted(k for k in shapes if k.endswith(".bias"))
     _refuse(path, [f"{k} (our linear layers have no biases)" for k in biases])
+    sd = LazyStateDict()
+    for k, f in files.items():
+        name, heads = hf_to_ours(k, args)
+        if name is not None:
+            sd.add(name, shapes[k], _hf_reader(f, k, heads, read_tensor))
     tied = check_tied(path, cfg.get("tie_word_embeddings", False), sd,
-                      "model.embed_tokens.weight", "lm_head.weight")
-    return build(args, from_hf(sd, args), path, tied=tied)
+                      "tok_embeddings.weight", "output.weight")
+    return args, sd, tied
 
 
-def load_meta(path: Path) -> Transformer:
+def _hf_reader(file: Path, name: str, heads: int | None, read):
+    def get() -> torch.Tensor:
+        t = read(file, name)
+        return permute_from_hf(t, heads) if heads else t
+    return get
+
+
+def load_hf(path: Path) -> Transformer:
+    args, sd, tied = open_hf(path)
+    return build(args, sd, path, tied=tied)
+
+
+def open_meta(path: Path):
+    """(args, lazy state dict, tied) of Meta's params.json + consolidated.NN.pth."""
+    from babyllama.shards import meta_state_dict
+
     params = json.loads((path / "params.json").read_text())
     _refuse(path / "params.json", meta_unsupported(params))
-    shards = sorted(path.glob("consolidated.*.pth"))
-    if not shards:
-        raise CheckpointError(f"{path}: no consolidated.*.pth next to params.json")
-    parts = [_torch_load(s) for s in shards]
-    sd = {}
-    for k in parts[0]:   # model-parallel shards: which dimension each weight was split along
-        if k == "rope.freqs":
-            continue
-        ts = [p[k] for p in parts]
-        if len(ts) == 1 or ts[0].dim() == 1:
-            sd[k] = ts[0]
-        elif k.endswith(("wo.weight", "w2.weight", "tok_embeddings.weight")):
-            sd[k] = torch.cat(ts, dim=1)
-        else:
-            sd[k] = torch.cat(ts, dim=0)
-    emb = sd.get("tok_embeddings.weight")
-    w1 = sd.get("layers.0.feed_forward.w1.weight")
+    sd = meta_state_dict(path)
+    emb = sd.shapes.get("tok_embeddings.weight")
+    w1 = sd.shapes.get("layers.0.feed_forward.w1.weight")
     if emb is None or w1 is None:
         raise CheckpointError(f"{path}: missing tok_embeddings.weight or layer 0's w1")
     args = ModelArgs(dim=params["dim"], n_layers=params["n_layers"], n_heads=params["n_heads"],
-                     n_kv_heads=params.get("n_kv_heads"), vocab_size=emb.shape[0],
-                     hidden_dim=w1.shape[0], norm_eps=params.get("norm_eps", 1e-5),
+                     n_kv_heads=params.get("n_kv_heads"), vocab_size=emb[0],
+                     hidden_dim=w1[0], norm_eps=params.get("norm_eps", 1e-5),
                      max_seq_len=params.get("max_seq_len", 4096),
                      rope_theta=params.get("rope_theta", 10000.0))
-    return build(args, sd, path)
+    tied = "output.weight" not in sd or torch.equal(sd["output.weight"],
+                                                    sd["tok_embeddings.weight"])
+    return args, sd, tied
+
+
+def load_meta(path: Path) -> Transformer:
+    args, sd, tied = open_meta(path)
+    return build(args, sd, path, tied=tied)
 
 
 def save_hf(model: Transformer, out_dir: Path) -> Path:
