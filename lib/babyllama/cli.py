@@ -6,6 +6,7 @@
     babyllama pretokenize --vocab 512 --data stories
     babyllama train      --preset book --out out/book [--resume] [--max-iters N] ...
     babyllama export     out/book/ckpt.pt out/model.bin --version 0   |   --hf out/hf
+    babyllama export     out/book/ckpt.pt out/model.gguf --tokenizer out/tok512.model --dtype q8_0
     babyllama generate   out/model.bin -z out/tok512.bin -i "Once upon" --engine c
     babyllama book       # the whole pipeline on the built-in corpus (the main job)
 """
@@ -97,19 +98,32 @@ def cmd_train(a) -> None:
 
 
 def cmd_export(a) -> None:
-    from babyllama.export import write_model
+    """Tensor by tensor from a Hugging Face or Meta directory; llama2.c files refuse what they
+    cannot carry (norm_eps, rope_theta) unless --approximate."""
+    from babyllama.export import unrepresentable, write_gguf, write_model
     from babyllama.model import Transformer
+    from babyllama.shards import open_weights
 
-    model = Transformer.from_pretrained(a.ckpt)
     if a.hf:
-        print(f"wrote {model.save_pretrained(a.hf)}")
-    elif a.out:
-        errors: dict[str, float] = {}
-        print(f"wrote {write_model(model, a.out, version=a.version, report=errors)}")
-        for name, err in sorted(errors.items(), key=lambda kv: -kv[1])[:5]:
-            print(f"    Q8_0 max error {err:.2e}  {name}")
-    else:
-        raise ValueError("export needs OUT.bin or --hf DIR")
+        model = Transformer.from_pretrained(a.ckpt)
+        print(f"wrote {model.save_pretrained(a.hf, tokenizer=a.tokenizer)}")
+        return
+    if a.out is None:
+        raise ValueError("export needs OUT.bin, OUT.gguf or --hf DIR")
+    source = open_weights(a.ckpt)
+    if a.out.suffix == ".gguf":
+        if not a.tokenizer:
+            raise ValueError("a GGUF file carries its vocabulary: pass --tokenizer TOK.model")
+        print(f"wrote {write_gguf(source, a.tokenizer, a.out, dtype=a.dtype)}")
+        return
+    if a.approximate and unrepresentable(source[0]):   # measuring needs the whole model
+        source = Transformer.from_pretrained(a.ckpt)
+    errors: dict[str, float] = {}
+    out = write_model(source, a.out, version=a.version, report=errors,
+                      approximate=a.approximate)
+    print(f"wrote {out}")
+    for name, err in sorted(errors.items(), key=lambda kv: -kv[1])[:5]:
+        print(f"    Q8_0 max error {err:.2e}  {name}")
 
 
 def load_engine(path: str, engine: str, threads: int | None = None):
@@ -234,6 +248,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("out", nargs="?", type=_writable)
     s.add_argument("--version", type=int, choices=[0, 1, 2], default=0)
     s.add_argument("--hf", default=None, help="write a Hugging Face directory instead")
+    s.add_argument("--tokenizer", default=None,
+                   help="SentencePiece .model: the vocabulary of a GGUF file; with --hf, also "
+                        "written beside the model for transformers' AutoTokenizer")
+    s.add_argument("--dtype", choices=["f32", "f16", "q8_0"], default="f32",
+                   help="GGUF tensor type (norms stay f32)")
+    s.add_argument("--approximate", action="store_true",
+                   help="write a llama2.c file even when norm_eps/rope_theta differ from what "
+                        "run.c assumes; prints the measured max |delta logit|")
     s.set_defaults(fn=cmd_export)
 
     s = sub.add_parser("generate", help="generate text (run.c's flags)")

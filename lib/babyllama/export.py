@@ -135,9 +135,10 @@ def unrepresentable(a: ModelArgs) -> list[tuple[str, float, float]]:
     return [(k, getattr(a, k), v) for k, v in LLAMA2C_ASSUMES.items() if getattr(a, k) != v]
 
 
-def approximation_error(model, probe_len: int = 64, seed: int = 0) -> float:
+def approximation_error(model, tokens: list[int] | None = None, probe_len: int = 64,
+                        seed: int = 0) -> float:
     """max |logit difference| between `model` and the model a llama2.c file describes (the same
-    weights with run.c's norm_eps and rope_theta), on a seeded random probe sequence."""
+    weights with run.c's norm_eps and rope_theta), on `tokens` or a seeded random probe."""
     import dataclasses
 
     import torch
@@ -150,8 +151,8 @@ def approximation_error(model, probe_len: int = 64, seed: int = 0) -> float:
         as_read.output.weight = torch.nn.Parameter(model.output.weight.detach().clone())
     as_read.load_state_dict(model.state_dict())
     n = min(probe_len, model.params.max_seq_len)
-    x = torch.randint(0, model.params.vocab_size, (1, n),
-                      generator=torch.Generator().manual_seed(seed))
+    x = torch.tensor([tokens]) if tokens is not None else torch.randint(
+        0, model.params.vocab_size, (1, n), generator=torch.Generator().manual_seed(seed))
     was_training = model.training
     model.eval()
     with torch.no_grad():

@@ -250,10 +250,21 @@ class Transformer(nn.Module):
 
         return checkpoints.load(cls, Path(path))
 
-    def save_pretrained(self, out_dir: str | Path) -> Path:
+    def save_pretrained(self, out_dir: str | Path, tokenizer: str | Path | None = None) -> Path:
+        """config.json + model.safetensors; with `tokenizer` (a SentencePiece .model), also the
+        files transformers' AutoTokenizer reads."""
         from babyllama import checkpoints
+        from babyllama.tokenizer import TokenizerError, load_sentencepiece, save_hf_tokenizer
 
-        return checkpoints.save_hf(self, Path(out_dir))
+        if tokenizer is not None:   # checked before anything is written
+            n = load_sentencepiece(tokenizer).vocab_size()
+            if n != self.params.vocab_size:
+                raise TokenizerError(f"{tokenizer}: {n} pieces, but the model's vocab_size is "
+                                     f"{self.params.vocab_size}")
+        out = checkpoints.save_hf(self, Path(out_dir))
+        if tokenizer is not None:
+            save_hf_tokenizer(tokenizer, out)
+        return out
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_k, top_p, gen) -> int:
