@@ -113,9 +113,7 @@ def weights_from_torch(model) -> tuple[ModelArgs, dict[str, np.ndarray], bool]:
     """(args, our per-layer names -> fp32 arrays, shared classifier) of a Transformer."""
     sd = {k: v.detach().float().cpu().numpy() for k, v in model.state_dict().items()}
     w = {"tok_embeddings": sd["tok_embeddings.weight"], "norm": sd["norm.weight"],
-         "output": sd["output.weight"],   # and v0's RoPE tables, as llama2.c writes them:
-         "freq_cis_real": model.freqs_cos.float().numpy(),
-         "freq_cis_imag": model.freqs_sin.float().numpy()}
+         "output": sd["output.weight"]}
     for k, v in sd.items():
         if k.startswith("layers."):
             _, l, *_, name, _ = k.split(".")   # layers.3.attention.wq.weight
@@ -449,6 +447,7 @@ def write_gguf(model, tokenizer_model_path: str | Path, path: str | Path,
             types[name] = _gguf_type(shape, dtype)
             writer.add_tensor_info(gguf_name(name), shape, np.dtype(np.float32),
                                    _gguf_nbytes(shape, types[name]), raw_dtype=types[name])
+        path.parent.mkdir(parents=True, exist_ok=True)
         writer.write_header_to_file(tmp)
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
