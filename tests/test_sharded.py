@@ -168,7 +168,7 @@ def test_unwritable_output_leaves_nothing(sharded, tmp_path):
 # ----------------------------------------------------------------------------------------------
 # a big checkpoint, converted in bounded memory
 
-BIG = ModelArgs(dim=1024, n_layers=6, n_heads=8, vocab_size=32000, max_seq_len=64,
+BIG = ModelArgs(dim=1024, n_layers=5, n_heads=8, vocab_size=32000, max_seq_len=64,
                 hidden_dim=2816)
 # VmHWM: this process's peak RSS since exec (ru_maxrss would include the forking parent's)
 PEAK = ("import re, sys\nfrom babyllama.cli import main\nrc = main(sys.argv[1:])\n"
@@ -235,7 +235,7 @@ def test_big_sharded_checkpoint_in_bounded_memory(tmp_path):
     print(f"\ncheckpoint {size / 1e6:.0f} MB; converter peak RSS {peak / 1e6:.0f} MB, "
           f"baseline {baseline / 1e6:.0f} MB, extra {(peak - baseline) / 1e6:.0f} MB = "
           f"{(peak - baseline) / largest:.2f} x the largest tensor ({largest / 1e6:.0f} MB)")
-    assert peak - baseline <= 2.5 * largest
+    assert peak - baseline <= 2 * largest
     whole = Transformer.from_pretrained(tmp_path / "big")
     write_model(whole, tmp_path / "whole.bin")
     del whole

@@ -227,7 +227,7 @@ def write_model(model, path: str | Path, version: int = 0, group_size: int = 64,
                     f.write(q.tobytes())
                     f.write(s.tobytes())
                 else:
-                    f.write(arr.tobytes())
+                    f.write(memoryview(arr).cast("B"))   # no copy: big tensors
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

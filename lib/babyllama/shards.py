@@ -214,5 +214,6 @@ def open_weights(path: str | Path):
         opener = checkpoints.open_hf if (path / "config.json").exists() else \
             checkpoints.open_meta
         args, sd, tied = opener(path)
+        checkpoints.check_names(args, sd.shapes, path, tied)   # every problem, before writing
         return args, ExportView(sd, tied), tied
     return weights_from_torch(Transformer.from_pretrained(path))
