@@ -211,10 +211,10 @@ def write_model(model, path: str | Path, version: int = 0, group_size: int = 64,
                 f.write(head.ljust(HEADER_V1, b"\0"))
             names = _tensor_order(version, a.n_layers, shared)
             rope = {}
-            if version == 0 and "freq_cis_real" not in w:   # unused RoPE tables, kept for
-                freqs = 1.0 / a.rope_theta ** (np.arange(0, a.head_dim, 2) / a.head_dim)
-                ang = np.outer(np.arange(a.max_seq_len), freqs)   # run.c's layout
-                rope = {"freq_cis_real": np.cos(ang), "freq_cis_imag": np.sin(ang)}
+            if version == 0 and "freq_cis_real" not in w:   # unused by run.c, kept for its
+                from babyllama.model import precompute_freqs_cis   # layout; as llama2.c's
+                cos, sin = precompute_freqs_cis(a.head_dim, a.max_seq_len, a.rope_theta)
+                rope = {"freq_cis_real": cos.numpy(), "freq_cis_imag": sin.numpy()}
             for name in names:
                 arr = np.ascontiguousarray(rope[name] if name in rope else w[name],
                                            dtype=np.float32)
