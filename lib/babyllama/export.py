@@ -220,12 +220,17 @@ def write_model(model, path: str | Path, version: int = 0, group_size: int = 64,
                                            dtype=np.float32)
                 if arr.shape != _shape(name, a):
                     raise ValueError(f"{name}: expected shape {_shape(name, a)}, got {arr.shape}")
-                if version == 2 and arr.ndim == 2:
-                    q, s, err = quantize_q80(arr, gs)
+                if version == 2 and arr.ndim == 2:   # whole rows at a time: bounded memory
+                    scales, err = [], 0.0
+                    rows = max(1, (1 << 22) // arr.shape[1])
+                    for r in range(0, arr.shape[0], rows):
+                        q, s, e = quantize_q80(arr[r:r + rows], gs)
+                        f.write(q.tobytes())
+                        scales.append(s)
+                        err = max(err, e)
+                    f.write(np.concatenate(scales).tobytes())
                     if report is not None:
                         report[name] = err
-                    f.write(q.tobytes())
-                    f.write(s.tobytes())
                 else:
                     f.write(memoryview(arr).cast("B"))   # no copy: big tensors
         os.replace(tmp, path)
