@@ -150,3 +150,18 @@ def test_bad_input_leaves_nothing(tmp_path, tok):
     with pytest.raises(OSError, match="m.gguf: cannot write the GGUF file"):
         write_gguf(m, tok, tmp_path / "file" / "m.gguf")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_cli_export_gguf(tmp_path, tok):
+    from babyllama.cli import main
+
+    m = _model(ARGS, True)
+    m.save_pretrained(tmp_path / "hf")
+    out = tmp_path / "m.gguf"
+    assert main(["export", str(tmp_path / "hf"), str(out)]) == 1   # no --tokenizer
+    assert not out.exists()
+    assert main(["export", str(tmp_path / "hf"), str(out), "--tokenizer", str(tok),
+                 "--dtype", "f16"]) == 0
+    t = {t.name: t for t in gguf.GGUFReader(out).tensors}
+    assert np.array_equal(t["blk.1.ffn_up.weight"].data,
+                          m.layers[1].feed_forward.w3.weight.detach().numpy().astype(np.float16))

@@ -76,3 +76,22 @@ def test_refuses_what_it_cannot_reproduce(tmp_path):
     assert not (tmp_path / "hf").exists()
     with pytest.raises(TokenizerError, match="no such SentencePiece model"):
         save_hf_tokenizer(tmp_path / "missing.model", tmp_path / "hf")
+
+
+def test_export_hf_writes_the_tokenizer_beside_the_model(data_dir, tmp_path):
+    """`babyllama export CKPT --hf DIR --tokenizer TOK.model`: model and tokenizer, one dir."""
+    from babyllama.cli import main
+    from babyllama.model import PRESETS, ModelArgs, Transformer
+
+    tok = data_dir / "tok512.model"
+    m = Transformer(PRESETS["stories260K"])
+    m.save_pretrained(tmp_path / "src")
+    assert main(["export", str(tmp_path / "src"), "--hf", str(tmp_path / "hf"),
+                 "--tokenizer", str(tok)]) == 0
+    fast = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    sp = load_sentencepiece(tok)
+    assert fast("Once upon a time")["input_ids"] == [1] + sp.encode("Once upon a time")
+    wrong = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=4, vocab_size=300))
+    with pytest.raises(TokenizerError, match="512 pieces, but the model's vocab_size is 300"):
+        wrong.save_pretrained(tmp_path / "wrong", tokenizer=tok)
+    assert not (tmp_path / "wrong").exists()

@@ -212,7 +212,9 @@ def write_model(model, path: str | Path, version: int = 0, group_size: int = 64,
             names = _tensor_order(version, a.n_layers, shared)
             rope = {}
             if version == 0 and "freq_cis_real" not in w:   # unused by run.c, kept for its
-                from babyllama.model import precompute_freqs_cis   # layout; as llama2.c's
+                from babyllama.model import precompute_freqs_cis
+
+                # layout, computed as llama2.c's export computes them (torch, fp32)
                 cos, sin = precompute_freqs_cis(a.head_dim, a.max_seq_len, a.rope_theta)
                 rope = {"freq_cis_real": cos.numpy(), "freq_cis_imag": sin.numpy()}
             for name in names:
