@@ -6,6 +6,10 @@ Three layouts, one set of names (ours, which are Meta's):
 - Meta: params.json + consolidated.NN.pth, sharded across model-parallel ranks when NN > 00.
 
 Every .pt/.pth/.bin is read with torch.load(weights_only=True): tensors only, never code.
+Hugging Face and Meta directories are opened lazily (babyllama.shards: sharded indexes, several
+model-parallel files) and copied into the model one tensor at a time. What our Llama cannot
+represent (biases, rope scaling, another activation, a tied flag the tensors contradict) is
+refused with a CheckpointError rather than loaded as a different model.
 """
 
 from __future__ import annotations

@@ -5,7 +5,15 @@
     write_model(model, "out/model_q80.bin", version=2)   # v2: int8 Q8_0, what runq.c reads
     args, w = read_model("out/model.bin")             # memory-mapped NumPy arrays, no torch
 
+    write_gguf(model, "out/tok512.model", "out/model.gguf", dtype="q8_0")   # llama.cpp
+
     babyllama export out/ckpt.pt out/model.bin --version 0
+    babyllama export out/ckpt.pt out/model.gguf --tokenizer out/tok512.model --dtype q8_0
+
+llama2.c's files have no field for norm_eps or rope_theta (run.c assumes 1e-5 and 10000): a model
+with other values is refused unless `approximate=True`, which reports the measured logit error.
+GGUF carries both, and the vocabulary. Both writers take a Transformer or (args, weights,
+shared) with a lazy `weights` mapping (babyllama.shards), written one tensor at a time.
 
 The three layouts (all little-endian):
     v0  7 x int32 (dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, seq_len;
