@@ -259,7 +259,7 @@ def check_tied(source: Path, says_tied: bool, sd: dict, emb: str, out: str) -> b
     if out not in sd:
         if not says_tied:
             raise CheckpointError(f"{source}: the config says the classifier is not tied "
-                                  f"(tie_word_embeddings false), but there is no {out}")
+                                  f"(tie_word_embeddings false or absent), but there is no {out}")
         return True
     if says_tied and not torch.equal(sd[out], sd[emb]):
         raise CheckpointError(f"{source}: the config says the classifier is tied to {emb} "
