@@ -32,7 +32,7 @@ from babyllama.config import ModelArgs
 from babyllama.inference_numpy import XorShiftRng, check_sampling, generate_loop
 
 CSRC = Path(__file__).resolve().parent.parent.parent / "csrc"
-LIB_SOURCES = ("kernels.c", "model.c", "tokenizer.c")
+LIB_SOURCES = ("kernels.c", "model.c", "tokenizer.c", "context.c")
 HEADERS = ("babyllama.h", "kernels.h")
 BASE_FLAGS = ["-std=c11", "-fPIC", "-ffp-contract=off", "-Wall", "-Wextra"]
 DEFAULT_CFLAGS = "-O3 -march=native"
