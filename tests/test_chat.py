@@ -7,6 +7,7 @@ replies end after a few tokens (about 1 in 8 draws is EOS) and a conversation cr
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import shutil
@@ -49,6 +50,15 @@ def chatty_model(seq_len: int = SEQ, eos_logit: float = 8.5) -> Transformer:
     return m
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny matrices: extra torch threads only wait on each other on a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def chatty(tmp_path_factory, llama2_bin):
     d = tmp_path_factory.mktemp("chat")
@@ -88,11 +98,17 @@ def test_fed_ids_are_run_c_rendering(chatty, llama2_model):
     assert session.ctx.tokens == expect
 
 
-def _python_chat(engine: str, model: Path, tok: Path, dump: Path, stdin: str, *flags: str):
-    env = {**os.environ, "BABYLLAMA_DUMP_IDS": str(dump)}
-    return subprocess.run([sys.executable, "-m", "babyllama", "chat", str(model), "-z", str(tok),
-                           "--engine", engine, *flags], input=stdin, capture_output=True,
-                          text=True, errors="replace", env=env, timeout=300)
+def _python_chat(mp, capsys, engine: str, model: Path, tok: Path, dump: Path, stdin: str,
+                 *flags: str):
+    """`babyllama chat` in process (stdin, stdout and the dump variable patched)."""
+    from babyllama.cli import main
+
+    mp.setenv("BABYLLAMA_DUMP_IDS", str(dump))
+    mp.setattr(sys, "stdin", io.StringIO(stdin))
+    capsys.readouterr()
+    rc = main(["chat", str(model), "-z", str(tok), "--engine", engine, *flags])
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess([], rc, out.out, out.err)
 
 
 def _cc() -> str:
@@ -113,7 +129,7 @@ def _c_chat(run_exe, model, tok, dump, stdin, *flags):
                           timeout=120)
 
 
-def test_cli_and_every_python_engine_feed_the_same_ids(chatty, run_exe):
+def test_cli_and_every_python_engine_feed_the_same_ids(chatty, run_exe, monkeypatch, capsys):
     """Five turns over stdin on a 64-token context: several shifts, no hang, same ids."""
     stdin = "".join(t + "\n" for t in TURNS[1:])
     flags = ["-y", SYSTEM, "-i", TURNS[0], "-s", "42", "-t", "1.0", "-p", "0.9"]
@@ -130,20 +146,27 @@ def test_cli_and_every_python_engine_feed_the_same_ids(chatty, run_exe):
     for user in TURNS:
         session.turn(user)
     assert session.fed == c_ids and session.ctx.n_shifts >= 2
-    for engine, model in (("numpy", chatty["bin"]), ("c", chatty["bin"]),
-                          ("torch", chatty["hf"])):
-        dump = chatty["dir"] / f"{engine}.ids"
-        py = _python_chat(engine, model, chatty["tok"], dump, stdin, *flags)
-        assert py.returncode == 0, py.stderr
-        assert dump.read_text() == (chatty["dir"] / "c.ids").read_text(), engine
+    # the command line over stdin once; the other engines in process (the same session)
+    py = _python_chat(monkeypatch, capsys, "numpy", chatty["bin"], chatty["tok"],
+                      chatty["dir"] / "np.ids", stdin, *flags)
+    assert py.returncode == 0, py.stderr
+    assert (chatty["dir"] / "np.ids").read_text() == (chatty["dir"] / "c.ids").read_text()
+    assert py.stdout.count("Assistant: ") == 5
+    for engine in (CLlama.load(chatty["bin"], threads=1),
+                   TorchEngine(Transformer.from_pretrained(chatty["hf"]).eval())):
+        other = ChatSession(engine, Tokenizer.from_bin(chatty["tok"]), SYSTEM, 1.0, 0.9,
+                            seed=42)
+        for user in TURNS:
+            other.turn(user)
+        assert other.fed == c_ids, type(engine).__name__
 
 
-def test_system_prompt_and_first_turn_from_stdin(chatty, run_exe):
+def test_system_prompt_and_first_turn_from_stdin(chatty, run_exe, monkeypatch, capsys):
     stdin = f"{SYSTEM}\n{TURNS[0]}\n"
     c = _c_chat(run_exe, chatty["bin"], chatty["tok"], chatty["dir"] / "c2.ids", stdin,
                 "-s", "7")
-    py = _python_chat("numpy", chatty["bin"], chatty["tok"], chatty["dir"] / "p2.ids", stdin,
-                      "-s", "7")
+    py = _python_chat(monkeypatch, capsys, "numpy", chatty["bin"], chatty["tok"],
+                      chatty["dir"] / "p2.ids", stdin, "-s", "7")
     assert c.returncode == 0 and py.returncode == 0, c.stderr + py.stderr
     assert c.stdout.startswith("Enter system prompt (optional): User: Assistant: ")
     tok = Tokenizer.from_bin(chatty["tok"])
@@ -152,16 +175,18 @@ def test_system_prompt_and_first_turn_from_stdin(chatty, run_exe):
     assert (chatty["dir"] / "c2.ids").read_text() == (chatty["dir"] / "p2.ids").read_text()
     # empty input: the CLI stops at the end of stdin, it does not loop
     for proc in (_c_chat(run_exe, chatty["bin"], chatty["tok"], chatty["dir"] / "e.ids", ""),
-                 _python_chat("c", chatty["bin"], chatty["tok"], chatty["dir"] / "e.ids", "")):
+                 _python_chat(monkeypatch, capsys, "c", chatty["bin"], chatty["tok"],
+                              chatty["dir"] / "e.ids", "")):
         assert proc.returncode == 0 and "Assistant" not in proc.stdout
 
 
-def test_a_turn_that_does_not_fit_without_the_shift(chatty, run_exe):
+def test_a_turn_that_does_not_fit_without_the_shift(chatty, run_exe, monkeypatch, capsys):
     long_turn = "Tell me a long story about " + "a red fox and " * 20 + "a kite."
     for proc in (_c_chat(run_exe, chatty["bin"], chatty["tok"], chatty["dir"] / "x.ids", "",
                          "-y", SYSTEM, "-i", long_turn, "-k", "0"),
-                 _python_chat("numpy", chatty["bin"], chatty["tok"], chatty["dir"] / "x.ids",
-                              "", "-y", SYSTEM, "-i", long_turn, "-k", "0")):
+                 _python_chat(monkeypatch, capsys, "numpy", chatty["bin"], chatty["tok"],
+                              chatty["dir"] / "x.ids", "", "-y", SYSTEM, "-i", long_turn,
+                              "-k", "0")):
         assert proc.returncode == 1
         assert "do not fit in the context" in proc.stderr and "shift is off" in proc.stderr
     # in Python the session stays usable after the rejected turn
