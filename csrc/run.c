@@ -102,10 +102,16 @@ static char *render_turn(const char *system, const char *user) {
     return out;
 }
 
+static int oom(char *err, size_t n) {
+    snprintf(err, n, "out of memory");
+    return BL_ERR_NOMEM;
+}
+
 static int chat(bl_model *m, bl_tokenizer *tok, const ChatArgs *a, int vocab_size) {
     char err[600];
     bl_context *ctx;
-    if (bl_context_open(m, a->n_keep ? a->n_keep : 1, a->n_keep != 0, &ctx, err, sizeof err) != BL_OK) {
+    int shift = a->n_keep != 0;   /* -k 0: no shift, a turn that does not fit is an error */
+    if (bl_context_open(m, shift ? a->n_keep : 1, shift, &ctx, err, sizeof err) != BL_OK) {
         fprintf(stderr, "error: %s\n", err);
         return 1;
     }
@@ -122,7 +128,7 @@ static int chat(bl_model *m, bl_tokenizer *tok, const ChatArgs *a, int vocab_siz
     int *ids = NULL, n_ids = 0, pending_eos = 0, rc = BL_OK;
     long pos = 0;   /* positions fed in the whole conversation, run.c's pos */
     uint64_t rng = a->seed;
-    if (!logits) { rc = BL_ERR_NOMEM; snprintf(err, sizeof err, "out of memory"); goto done; }
+    if (!logits) { rc = oom(err, sizeof err); goto done; }
     for (int first = 1; a->steps <= 0 || pos < a->steps; first = 0) {
         if (first && a->system) {
             system = strdup(a->system);
@@ -130,20 +136,24 @@ static int chat(bl_model *m, bl_tokenizer *tok, const ChatArgs *a, int vocab_siz
             if (!read_line("Enter system prompt (optional): ", &line, &cap)) break;
             system = strdup(line);
         }
-        if (first && !system) { rc = BL_ERR_NOMEM; snprintf(err, sizeof err, "out of memory"); goto done; }
+        if (first && !system) { rc = oom(err, sizeof err); goto done; }
         const char *user = a->user;
         if (!first || !user) {
             if (!read_line("User: ", &line, &cap)) break;
             user = line;
         }
         free(rendered);
-        if (!(rendered = render_turn(first ? system : NULL, user))) { rc = BL_ERR_NOMEM; snprintf(err, sizeof err, "out of memory"); goto done; }
+        if (!(rendered = render_turn(first ? system : NULL, user))) {
+            rc = oom(err, sizeof err);
+            goto done;
+        }
         /* the previous reply's EOS, then BOS + the turn: one feed */
         int max_ids = (int)strlen(rendered) * 4 + 4, n_turn = 0;
         free(ids);
-        if (!(ids = malloc(sizeof(int) * (size_t)max_ids))) { rc = BL_ERR_NOMEM; snprintf(err, sizeof err, "out of memory"); goto done; }
+        if (!(ids = malloc(sizeof(int) * (size_t)max_ids))) { rc = oom(err, sizeof err); goto done; }
         if (pending_eos) ids[0] = 2;
-        if ((rc = bl_encode(tok, rendered, 1, 0, ids + pending_eos, max_ids - pending_eos, &n_turn)) != BL_OK) {
+        rc = bl_encode(tok, rendered, 1, 0, ids + pending_eos, max_ids - pending_eos, &n_turn);
+        if (rc != BL_OK) {
             snprintf(err, sizeof err, "%s", bl_tokenizer_error(tok));
             goto done;
         }

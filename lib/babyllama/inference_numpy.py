@@ -10,7 +10,8 @@
 No torch anywhere on this path. The sampler (argmax, temperature, top-p, and the xorshift random
 generator) is run.c's, step for step, so the C kernel of chapter 06 draws the same tokens from
 the same seed. For v2 files, activations are quantized to int8 before each matmul as in runq.c,
-so a v2 file means the same numbers here and in C.
+so a v2 file means the same numbers here and in C. Past max_seq_len, generate shifts the
+context (babyllama.context: keep n_keep tokens, drop the oldest half of the rest, recompute).
 """
 
 from __future__ import annotations
