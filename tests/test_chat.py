@@ -122,8 +122,8 @@ def run_exe():
     return CSRC / "run"
 
 
-def _c_chat(run_exe, model, tok, dump, stdin, *flags):
-    env = {**os.environ, "BABYLLAMA_DUMP_IDS": str(dump)}
+def _c_chat(run_exe, model, tok, dump, stdin, *flags, env=None):
+    env = {**os.environ, **(env or {}), "BABYLLAMA_DUMP_IDS": str(dump)}
     return subprocess.run([str(run_exe), str(model), "-z", str(tok), "-m", "chat", *flags],
                           input=stdin, capture_output=True, text=True, errors="replace", env=env,
                           timeout=120)
@@ -217,3 +217,25 @@ def test_torch_engine_adapter_matches_numpy(chatty):
     a = torch_engine.forward_tokens(toks, 0)
     b = np_engine.forward_tokens(toks, 0)
     assert np.abs(a - b).max() <= 1e-4
+
+
+def test_chat_is_sanitizer_clean(chatty, tmp_path):
+    """ASan + UBSan build of the CLI: a conversation across shifts, and a turn rejected with
+    the shift off."""
+    if subprocess.run([_cc(), "-fsanitize=address,undefined", "-x", "c", "-", "-o",
+                       str(tmp_path / "probe")], input="int main(void){return 0;}",
+                      text=True, capture_output=True).returncode != 0:
+        pytest.skip("this compiler has no AddressSanitizer/UBSan runtime")
+    exe = tmp_path / "run-asan"
+    srcs = [str(CSRC / f) for f in ("run.c", *fast_c.LIB_SOURCES)]
+    subprocess.run([_cc(), "-std=c11", "-O1", "-g", "-fsanitize=address,undefined",
+                    "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", *srcs, "-o",
+                    str(exe), "-lm"], check=True)
+    env = {"ASAN_OPTIONS": "detect_leaks=1", "UBSAN_OPTIONS": "print_stacktrace=1"}
+    stdin = "".join(t + "\n" for t in TURNS)
+    for flags, rc in (([], 0), (["-k", "0"], 1), (["-k", "3", "-n", "100"], 0)):   # seed 6:
+        # without the shift a later turn finds 56 of 64 positions used: an error
+        r = _c_chat(exe, chatty["bin"], chatty["tok"], tmp_path / "ids", stdin, "-s", "6",
+                    "-y", SYSTEM, "-i", "Hello", *flags, env=env)
+        assert "Sanitizer" not in r.stderr and "runtime error" not in r.stderr, r.stderr
+        assert r.returncode == rc, r.stderr
