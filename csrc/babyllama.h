@@ -53,6 +53,21 @@ typedef int (*bl_token_cb)(int token, void *user);
 int bl_generate(bl_model *m, const int *prompt, int n_prompt, int steps, float temperature,
                 float topp, uint64_t seed, bl_token_cb cb, void *user, int *n_generated);
 
+/* a context: which token sits at each cached position, and the shift when the cache is full
+ * (context.c): feeding tokens past seq_len keeps the first n_keep, drops the oldest half of the
+ * rest and recomputes the kept ones at their new positions; with shift 0 it is an error.
+ * A rejected feed changes nothing. */
+typedef struct bl_context bl_context;
+int bl_context_open(bl_model *m, int n_keep, int shift, bl_context **out, char *err,
+                    size_t errlen);
+void bl_context_close(bl_context *ctx);
+const char *bl_context_error(const bl_context *ctx);
+/* logits[vocab_size] of the last of the n tokens fed after those already in the context */
+int bl_context_feed(bl_context *ctx, const int *tokens, int n, float *logits);
+int bl_context_len(const bl_context *ctx);
+int bl_context_shifts(const bl_context *ctx);
+const int *bl_context_tokens(const bl_context *ctx);   /* bl_context_len of them */
+
 int bl_tokenizer_open(const char *path, int vocab_size, bl_tokenizer **out, char *err,
                       size_t errlen);
 void bl_tokenizer_close(bl_tokenizer *t);

@@ -4,11 +4,15 @@
     render_turn("Tell me a story.", system="Be brief.")
     # -> '[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nTell me a story. [/INST]'
     ids = encode_turn(tokenizer, "Tell me a story.")       # BOS + the rendered turn
+    session = ChatSession(NumpyLlama.load("out/chat.bin"), tokenizer, system="Be brief.")
+    reply_ids = session.turn("Tell me a story.")          # the KV cache stays for the next turn
+
+    babyllama chat out/chat.bin -z out/tok512.bin -y "Be brief." --engine numpy
 
 The system prompt goes into the first turn only; every turn is encoded on its own with a BOS in
 front (run.c calls encode(..., bos=1, eos=0) per turn), and a turn of the assistant ends at EOS.
 Fine-tuning renders its training sequences with the same function, so the model is trained on
-exactly the ids it is later prompted with. No torch here: every engine uses it.
+exactly the ids it is later prompted with. No torch imported here: every engine uses it.
 """
 
 from __future__ import annotations
@@ -34,3 +38,92 @@ def encode_turn(tokenizer: Encoder, user: str, system: str | None = None,
                 first: bool = True) -> list[int]:
     """BOS + the rendered turn, the ids run.c feeds the model for this turn."""
     return tokenizer.encode(render_turn(user, system, first), bos=True, eos=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# a conversation over any engine
+
+BOS, EOS = 1, 2
+
+
+class ChatSession:
+    """A conversation as run.c's chat mode has it, over any engine with `args`,
+    `forward_tokens(tokens, pos)` and `sample(logits, temperature, topp, rng)`.
+
+    One KV cache lives across the turns (a babyllama.context.Context): a turn feeds only its new
+    tokens — the previous reply's EOS, then BOS and the rendered turn — in one forward_tokens
+    call; a reply is sampled token by token and ends at EOS. Past the context the cache shifts
+    (n_keep tokens kept); with context_shift=False a turn that does not fit is a ValueError.
+    `steps` > 0 caps the positions of the whole conversation, as run.c's -n; `fed` records
+    every list of ids given to the model, in order."""
+
+    def __init__(self, engine, tokenizer: Encoder, system: str | None = None,
+                 temperature: float = 1.0, topp: float = 0.9, seed: int | None = None,
+                 steps: int = 0, n_keep: int = 1, context_shift: bool = True):
+        from babyllama.context import Context
+        from babyllama.inference_numpy import XorShiftRng, check_sampling, random_seed
+
+        check_sampling(temperature, topp)
+        a = engine.args
+        self.engine, self.tokenizer, self.system = engine, tokenizer, system
+        self.temperature, self.topp, self.steps = temperature, topp, steps
+        self.ctx = Context(engine.forward_tokens, a.max_seq_len, n_keep, context_shift,
+                           a.vocab_size)
+        self.rng = XorShiftRng(seed if seed is not None else random_seed())
+        self.fed: list[list[int]] = []
+        self.pos = 0             # positions fed in the whole conversation (run.c's pos)
+        self.turns = 0
+        self.pending_eos = False
+        if hasattr(engine, "reset"):
+            engine.reset()
+
+    @property
+    def over(self) -> bool:
+        return self.steps > 0 and self.pos >= self.steps
+
+    def _feed(self, ids: list[int]):
+        logits = self.ctx.feed(ids)   # raises before changing anything when it cannot
+        self.fed.append(ids)
+        self.pos += len(ids)
+        return logits
+
+    def turn(self, user: str) -> list[int]:
+        """The reply's token ids (without its EOS) to one user turn."""
+        return list(self.stream(user))
+
+    def stream(self, user: str):
+        """Yield the reply's token ids as they are sampled."""
+        if self.over:
+            raise ValueError(f"the conversation has used its {self.steps} steps")
+        ids = encode_turn(self.tokenizer, user, self.system, first=self.turns == 0)
+        logits = self._feed([EOS, *ids] if self.pending_eos else ids)
+        self.turns += 1
+        self.pending_eos = False
+        while True:
+            nxt = self.engine.sample(logits, self.temperature, self.topp, self.rng)
+            if nxt == EOS:   # fed with the next turn, as run.c feeds it
+                self.pending_eos = True
+                return
+            yield nxt
+            if self.over:
+                return
+            logits = self._feed([nxt])
+
+
+class TorchEngine:
+    """A PyTorch Transformer behind the engines' interface, sampled with run.c's sampler
+    (so a seed means the same tokens as with the NumPy engine)."""
+
+    def __init__(self, model):
+        self.model, self.args = model, model.params
+
+    def reset(self) -> None:
+        self.model.reset_cache()
+
+    def forward_tokens(self, tokens: list[int], pos: int):
+        return self.model.forward_tokens(tokens, pos).float().numpy()
+
+    def sample(self, logits, temperature: float, topp: float, rng) -> int:
+        from babyllama.inference_numpy import sample
+
+        return sample(logits, temperature, topp, rng)

@@ -8,6 +8,7 @@
     babyllama export     out/book/ckpt.pt out/model.bin --version 0   |   --hf out/hf
     babyllama export     out/book/ckpt.pt out/model.gguf --tokenizer out/tok512.model --dtype q8_0
     babyllama generate   out/model.bin -z out/tok512.bin -i "Once upon" --engine c
+    babyllama chat       out/model.bin -z out/tok512.bin -y "You tell stories." --engine numpy
     babyllama book       # the whole pipeline on the built-in corpus (the main job)
 """
 
@@ -167,6 +168,61 @@ def cmd_generate(a) -> None:
     print(f"[{a.engine}: {n} pieces in {dt:.2f}s]", file=sys.stderr)
 
 
+def _read_line(prompt: str) -> str | None:
+    """run.c's read_stdin: the prompt, then one line without its newline; None at the end."""
+    sys.stdout.write(prompt)
+    sys.stdout.flush()
+    line = sys.stdin.readline()
+    return line.rstrip("\r\n") if line else None
+
+
+def cmd_chat(a) -> None:
+    """run.c's chat mode over any engine; BABYLLAMA_DUMP_IDS=FILE writes the ids fed."""
+    import itertools
+    import os
+
+    from babyllama.chat import ChatSession, TorchEngine
+    from babyllama.tokenizer import Tokenizer
+
+    seed = a.seed if a.seed > 0 else int(time.time())   # run.c: 0 means "from the clock"
+    if a.engine == "torch":
+        from babyllama.model import Transformer
+
+        engine = TorchEngine(Transformer.from_pretrained(a.model).eval())
+    else:
+        engine = load_engine(a.model, a.engine, a.threads)
+    tok = Tokenizer.from_bin(a.tokenizer, engine.args.vocab_size)
+    if a.keep < 0:
+        raise ValueError(f"-k must be >= 0 (0 = no context shift), got {a.keep}")
+    steps = a.steps
+    if a.keep == 0 and (steps <= 0 or steps > engine.args.max_seq_len):
+        steps = engine.args.max_seq_len   # no shift: the conversation ends with the context
+    system = a.system if a.system is not None else _read_line("Enter system prompt (optional): ")
+    if system is None:
+        return
+    session = ChatSession(engine, tok, system, a.temperature, a.topp, seed, steps,
+                          max(a.keep, 1), context_shift=a.keep > 0)
+    dump_path = os.environ.get("BABYLLAMA_DUMP_IDS")
+    user = a.prompt if a.prompt is not None else _read_line("User: ")
+    while user is not None and not session.over:
+        sys.stdout.write("Assistant: ")
+        sys.stdout.flush()
+        replies = session.stream(user)
+        first = next(replies, None)   # the turn is fed here (a ValueError if it cannot be)
+        if first is not None:
+            prev = session.fed[-1][-1]   # the turn's last token, before `first` is fed
+            for piece in tok.stream(itertools.chain([first], replies), prev=prev):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        sys.stdout.write("\n")
+        if dump_path:
+            with open(dump_path, "w") as f:
+                f.writelines(" ".join(map(str, ids)) + "\n" for ids in session.fed)
+        if session.over:
+            break
+        user = _read_line("User: ")
+
+
 def cmd_book(a) -> None:
     """The main job: corpus -> tokenizer -> shards -> training -> export -> NumPy and C."""
     from babyllama import book
@@ -269,6 +325,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--engine", choices=["c", "numpy", "torch"], default="c")
     s.add_argument("--threads", type=_positive, default=None)
     s.set_defaults(fn=cmd_generate)
+
+    s = sub.add_parser("chat", help="chat with Llama 2's [INST] template (run.c's -m chat)")
+    s.add_argument("model")
+    s.add_argument("-z", dest="tokenizer", required=True)
+    s.add_argument("-y", dest="system", default=None, help="system prompt (else from stdin)")
+    s.add_argument("-i", dest="prompt", default=None, help="the first user turn (else stdin)")
+    s.add_argument("-t", dest="temperature", type=float, default=1.0)
+    s.add_argument("-p", dest="topp", type=float, default=0.9)
+    s.add_argument("-s", dest="seed", type=int, default=0)
+    s.add_argument("-n", dest="steps", type=int, default=0,
+                   help="positions in the whole conversation, 0 = until stdin ends")
+    s.add_argument("-k", dest="keep", type=int, default=1,
+                   help="tokens kept when the context shifts; 0 = no shift")
+    s.add_argument("--engine", choices=["c", "numpy", "torch"], default="c")
+    s.add_argument("--threads", type=_positive, default=None)
+    s.set_defaults(fn=cmd_chat)
 
     s = sub.add_parser("book", help="the main job: the whole book on the built-in corpus, "
                                     "into out/ beside pyproject.toml")

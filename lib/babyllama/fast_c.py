@@ -32,7 +32,7 @@ from babyllama.config import ModelArgs
 from babyllama.inference_numpy import XorShiftRng, check_sampling, generate_loop
 
 CSRC = Path(__file__).resolve().parent.parent.parent / "csrc"
-LIB_SOURCES = ("kernels.c", "model.c", "tokenizer.c")
+LIB_SOURCES = ("kernels.c", "model.c", "tokenizer.c", "context.c")
 HEADERS = ("babyllama.h", "kernels.h")
 BASE_FLAGS = ["-std=c11", "-fPIC", "-ffp-contract=off", "-Wall", "-Wextra"]
 DEFAULT_CFLAGS = "-O3 -march=native"
@@ -232,9 +232,12 @@ class CLlama:
         return tok.value
 
     def generate(self, prompt_ids: list[int], steps: int, temperature: float = 1.0,
-                 topp: float = 0.9, seed: int | None = None) -> Iterator[int]:
-        """Streams tokens: the C forward pass and C sampler, step by step (run.c's loop)."""
-        yield from generate_loop(self, prompt_ids, steps, temperature, topp, seed)
+                 topp: float = 0.9, seed: int | None = None, context_shift: bool = True,
+                 n_keep: int = 1) -> Iterator[int]:
+        """Streams tokens: the C forward pass and C sampler, step by step (run.c's loop), with
+        NumPy's context shift past max_seq_len (babyllama.context)."""
+        yield from generate_loop(self, prompt_ids, steps, temperature, topp, seed,
+                                 context_shift, n_keep)
 
     def generate_native(self, prompt_ids: list[int], steps: int, temperature: float = 1.0,
                         topp: float = 0.9, seed: int = 1) -> list[int]:

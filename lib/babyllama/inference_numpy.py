@@ -10,7 +10,8 @@
 No torch anywhere on this path. The sampler (argmax, temperature, top-p, and the xorshift random
 generator) is run.c's, step for step, so the C kernel of chapter 06 draws the same tokens from
 the same seed. For v2 files, activations are quantized to int8 before each matmul as in runq.c,
-so a v2 file means the same numbers here and in C.
+so a v2 file means the same numbers here and in C. Past max_seq_len, generate shifts the
+context (babyllama.context: keep n_keep tokens, drop the oldest half of the rest, recompute).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from babyllama.config import ModelArgs
+from babyllama.context import Context
 from babyllama.export import Weights, read_model
 
 BOS, EOS = 1, 2
@@ -232,31 +234,40 @@ class NumpyLlama:
         return self.forward_tokens([token], pos)[0]
 
     def generate(self, prompt_ids: list[int], steps: int, temperature: float = 1.0,
-                 topp: float = 0.9, seed: int | None = None) -> Iterator[int]:
+                 topp: float = 0.9, seed: int | None = None, context_shift: bool = True,
+                 n_keep: int = 1) -> Iterator[int]:
         """Tokens after the prompt, as run.c's generate loop: `steps` counts every position,
-        prompt included, and is clamped to max_seq_len (run.c's policy); stops at BOS or EOS."""
-        yield from generate_loop(self, prompt_ids, steps, temperature, topp, seed)
+        prompt included; stops at BOS or EOS. Past max_seq_len the context shifts (see
+        babyllama.context); with context_shift=False steps is clamped to max_seq_len, as
+        run.c does."""
+        yield from generate_loop(self, prompt_ids, steps, temperature, topp, seed,
+                                 context_shift, n_keep)
 
 
 def generate_loop(engine, prompt_ids: list[int], steps: int, temperature: float, topp: float,
-                  seed: int | None) -> Iterator[int]:
+                  seed: int | None, context_shift: bool = True, n_keep: int = 1
+                  ) -> Iterator[int]:
     """The loop both engines share: the prompt in one forward_tokens call, then one token at a
-    time, each drawn with the engine's own sampler."""
+    time, each drawn with the engine's own sampler. With the context shift on, a prompt longer
+    than the context keeps its first n_keep tokens and its newest ones (kept_after_shift);
+    with it off, such a prompt is an error and steps stop at max_seq_len."""
     check_sampling(temperature, topp)
     seq_len = engine.args.max_seq_len
     if not prompt_ids:
         raise ValueError("the prompt needs at least one token (BOS = 1)")
-    if len(prompt_ids) > seq_len:
-        raise ValueError(f"prompt of {len(prompt_ids)} tokens is longer than the context "
-                         f"({seq_len})")
-    steps = min(steps, seq_len)
+    if not context_shift:
+        if len(prompt_ids) > seq_len:
+            raise ValueError(f"prompt of {len(prompt_ids)} tokens is longer than the context "
+                             f"({seq_len}) and the context shift is off")
+        steps = min(steps, seq_len)
+    ctx = Context(engine.forward_tokens, seq_len, n_keep, context_shift, engine.args.vocab_size)
     rng = XorShiftRng(seed if seed is not None else random_seed())
     engine.reset()
     n = len(prompt_ids)
     if steps <= n - 1:
         return
-    logits = engine.forward_tokens(prompt_ids, 0)[-1]
-    pos = n
+    logits = ctx.feed(prompt_ids)
+    pos = n   # counts every position fed, as run.c's pos (it no longer indexes the cache)
     while True:
         nxt = engine.sample(logits, temperature, topp, rng)
         if nxt in (BOS, EOS):
@@ -264,5 +275,5 @@ def generate_loop(engine, prompt_ids: list[int], steps: int, temperature: float,
         yield nxt
         if pos >= steps:
             return
-        logits = engine.forward(nxt, pos)
+        logits = ctx.feed([nxt])
         pos += 1

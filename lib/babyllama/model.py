@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from babyllama.config import PRESETS, ModelArgs, count_params
+from babyllama.context import Context
 
 __all__ = ["PRESETS", "ModelArgs", "Transformer", "count_params"]
 
@@ -213,31 +214,45 @@ class Transformer(nn.Module):
             layer.attention.cache_k = layer.attention.cache_v = None
 
     @torch.inference_mode()
+    def forward_tokens(self, tokens: list[int], pos: int) -> torch.Tensor:
+        """Logits (T, vocab) of tokens at positions pos .. pos+T-1 with the KV cache (batch 1):
+        the engines' interface, which babyllama.context.Context drives."""
+        x = torch.tensor([tokens], device=self.tok_embeddings.weight.device)
+        return self(x, start_pos=pos, use_cache=True)[0][0]
+
+    @torch.inference_mode()
     def generate(self, prompt_ids: list[int], max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None,
-                 seed: int | None = None) -> list[int]:
-        """Sample up to `max_new_tokens` after the prompt with the KV cache; stops at BOS/EOS."""
+                 seed: int | None = None, context_shift: bool = True,
+                 n_keep: int = 1) -> list[int]:
+        """Sample up to `max_new_tokens` after the prompt with the KV cache; stops at BOS/EOS.
+        Past max_seq_len the context shifts: the first n_keep tokens stay, the oldest half of
+        the rest goes, the kept ones are recomputed at their new positions (babyllama.context;
+        a longer prompt is truncated by the same rule). context_shift=False stops at the end
+        of the context and rejects a longer prompt."""
         if not prompt_ids:
             raise ValueError("generate needs at least one prompt token (e.g. BOS = 1)")
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
         if top_p is not None and not 0 < top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        seq_len = self.params.max_seq_len
+        if not context_shift and len(prompt_ids) > seq_len:
+            raise ValueError(f"prompt of {len(prompt_ids)} tokens is longer than the context "
+                             f"({seq_len}) and the context shift is off")
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         self.reset_cache()
-        device = self.tok_embeddings.weight.device
-        x = torch.tensor([prompt_ids], device=device)
-        logits, _ = self(x, start_pos=0, use_cache=True)
-        pos, out = len(prompt_ids), []
+        ctx = Context(self.forward_tokens, seq_len, n_keep, context_shift,
+                      self.params.vocab_size)
+        logits, out = ctx.feed(prompt_ids), []
         for _ in range(max_new_tokens):
-            nxt = _sample(logits[0, -1].float(), temperature, top_k, top_p, gen)
+            nxt = _sample(logits.float(), temperature, top_k, top_p, gen)
             if nxt in (1, 2):
                 break
             out.append(nxt)
-            if pos >= self.params.max_seq_len:   # the context is full: nothing more to feed
+            if not context_shift and len(ctx) >= seq_len:   # full, nothing more to feed
                 break
-            logits, _ = self(torch.tensor([[nxt]], device=device), start_pos=pos, use_cache=True)
-            pos += 1
+            logits = ctx.feed([nxt])
         self.reset_cache()
         return out
 

@@ -1,0 +1,168 @@
+"""Generation past max_seq_len: the context shift of babyllama.context in all three engines.
+
+The shift keeps the first n_keep tokens, drops the oldest half of the rest and recomputes the
+kept ones at their new positions, so after each shift the logits must equal a fresh run over
+the kept tokens, and the engines must agree with each other through several shifts."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from helpers import scaled_model
+
+from babyllama.context import Context, kept_after_shift
+from babyllama.export import write_model
+from babyllama.fast_c import CLlama
+from babyllama.inference_numpy import NumpyLlama
+from babyllama.model import PRESETS
+
+SEQ = 40   # a short context: 3 x SEQ tokens cross several shifts in well under a second
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny matrices: extra torch threads only wait on each other on a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("shift")
+    args = dataclasses.replace(PRESETS["stories260K"], max_seq_len=SEQ)
+    model = scaled_model(args, 2.0, seed=3)
+    return model, {v: write_model(model, d / f"m_v{v}.bin", version=v) for v in (0, 2)}
+
+
+def test_kept_after_shift_by_hand():
+    toks = list(range(10))
+    # seq_len 10, n_keep 2: 8 others, drop the oldest 4, keep the newest 4
+    assert kept_after_shift(toks, 2, 10) == [0, 1, 6, 7, 8, 9]
+    assert kept_after_shift([*toks, 10], 1, 10) == [0, 6, 7, 8, 9, 10]   # 9 others: drop 4
+    # a prompt far longer than the context keeps the same count: head + newest tail
+    assert kept_after_shift(list(range(100)), 1, 10) == [0, 95, 96, 97, 98, 99]
+
+
+@pytest.mark.parametrize("version,temperature,seed", [(0, 0.0, 1), (0, 1.0, 5), (0, 0.9, 4),
+                                                     (2, 0.0, 1)])
+def test_numpy_and_c_agree_over_three_contexts(files, version, temperature, seed):
+    path = files[1][version]
+    prompt = [1, 300, 270, 11]
+    ref = list(NumpyLlama.load(path).generate(prompt, 3 * SEQ, temperature, 0.9, seed))
+    out = list(CLlama.load(path, threads=2).generate(prompt, 3 * SEQ, temperature, 0.9, seed))
+    assert out == ref
+    assert len(ref) == 3 * SEQ - len(prompt) + 1, "the run must cross several shifts"
+
+
+def test_generate_runs_past_the_context_exactly_steps(files):
+    eng = NumpyLlama.load(files[1][0])
+    # greedy from this prompt never hits BOS/EOS: steps - len(prompt) + 1 tokens, as run.c counts
+    out = list(eng.generate([1, 300], 3 * SEQ, temperature=0.0))
+    assert len(out) == 3 * SEQ - 1
+    clamped = list(eng.generate([1, 300], 3 * SEQ, temperature=0.0, context_shift=False))
+    assert len(clamped) == SEQ - 1 and out[:SEQ - 1] == clamped
+
+
+def _greedy_run(engine, prompt, n, n_keep=1):
+    """Feed greedy tokens through a Context; (logits after each feed, shift flags, contexts)."""
+    ctx = Context(engine.forward_tokens, SEQ, n_keep, True, engine.args.vocab_size)
+    logits, out = [np.asarray(ctx.feed(prompt), dtype=np.float32)], []
+    for _ in range(n):
+        shifts = ctx.n_shifts
+        logits.append(np.asarray(ctx.feed([int(np.argmax(logits[-1]))]), dtype=np.float32))
+        out.append((ctx.n_shifts > shifts, list(ctx.tokens)))
+    return logits, out
+
+
+@pytest.mark.parametrize("n_keep", [1, 5])
+def test_after_a_shift_logits_equal_a_fresh_run(files, n_keep):
+    path = files[1][0]
+    for engine, fresh in ((NumpyLlama.load(path), NumpyLlama.load(path)),
+                          (CLlama.load(path, threads=2), CLlama.load(path, threads=1))):
+        logits, steps = _greedy_run(engine, [1, 300, 270, 11, 42, 7], 2 * SEQ, n_keep)
+        shifted = [i for i, (s, _) in enumerate(steps) if s]
+        assert len(shifted) >= 3
+        for i in shifted:
+            kept = steps[i][1]
+            assert len(kept) == n_keep + (SEQ - n_keep) - (SEQ - n_keep) // 2
+            fresh.reset()
+            ref = fresh.forward_tokens(kept, 0)[-1]
+            assert np.abs(logits[i + 1] - ref).max() <= 1e-4
+
+
+def test_pytorch_logits_agree_after_each_shift(files):
+    model, paths = files
+    np_logits, np_steps = _greedy_run(NumpyLlama.load(paths[0]), [1, 300, 270], 2 * SEQ)
+    model.reset_cache()
+    t_logits, t_steps = _greedy_run_torch(model, [1, 300, 270], 2 * SEQ)
+    assert [s for s in t_steps] == [s for s in np_steps]   # same tokens, same shifts
+    shifted = [i for i, (s, _) in enumerate(np_steps) if s]
+    assert len(shifted) >= 3
+    diff = [np.abs(t_logits[i + 1] - np_logits[i + 1]).max() for i in shifted]
+    assert max(diff) <= 1e-4
+    assert np.abs(np.stack(t_logits) - np.stack(np_logits)).max() <= 1e-4
+    # and generate() itself: greedy tokens equal NumPy's over 3 contexts
+    prompt = [1, 300, 270]
+    ref = list(NumpyLlama.load(paths[0]).generate(prompt, 3 * SEQ, temperature=0.0))
+    assert model.generate(prompt, 3 * SEQ - len(prompt) + 1, temperature=0.0) == ref
+    assert model.generate(prompt, 3 * SEQ, temperature=0.0, context_shift=False) == \
+        ref[:SEQ - len(prompt) + 1]
+
+
+def _greedy_run_torch(model, prompt, n):
+    class Engine:
+        args = model.params
+
+        def forward_tokens(self, tokens, pos):
+            return model.forward_tokens(tokens, pos).float().numpy()
+    return _greedy_run(Engine(), prompt, n)
+
+
+def test_long_prompt_is_truncated_or_rejected(files):
+    path = files[1][0]
+    eng = NumpyLlama.load(path)
+    prompt = [1, *np.random.default_rng(0).integers(3, 512, 3 * SEQ).tolist()]
+    with pytest.raises(ValueError, match="longer than the context"):
+        list(eng.generate(prompt, 4 * SEQ, temperature=0.0, context_shift=False))
+    # with the shift on it keeps BOS and its newest tokens, the rule documented in
+    # babyllama.context: the same tokens as generating from the truncated prompt
+    kept = kept_after_shift(prompt, 1, SEQ)
+    assert kept[0] == 1 and kept[1:] == prompt[len(prompt) - len(kept) + 1:]
+    a = list(eng.generate(prompt, len(prompt) + 5, temperature=0.0))
+    b = list(eng.generate(kept, len(kept) + 5, temperature=0.0))
+    assert a == b and len(a) == 6
+
+
+@pytest.mark.parametrize("engine_cls", [NumpyLlama, CLlama])
+def test_a_rejected_step_leaves_the_cache_usable(files, engine_cls):
+    path = files[1][0]
+    eng = engine_cls.load(path)
+    ctx = Context(eng.forward_tokens, SEQ, 1, shift=False, vocab_size=eng.args.vocab_size)
+    ctx.feed(list(range(1, SEQ - 1)))
+    with pytest.raises(ValueError, match="do not fit in the context"):
+        ctx.feed([5, 6, 7])
+    with pytest.raises(ValueError, match="token id 512 outside the vocabulary"):
+        ctx.feed([5, 512])
+    with pytest.raises(ValueError, match="n_keep"):
+        Context(eng.forward_tokens, SEQ, n_keep=SEQ - 1)
+    assert len(ctx) == SEQ - 2
+    got = ctx.feed([5, 6])   # exactly fills the context
+    fresh = NumpyLlama.load(path)
+    ref = fresh.forward_tokens([*range(1, SEQ - 1), 5, 6], 0)[-1]
+    assert np.abs(got - ref).max() <= 1e-4
+    with pytest.raises(ValueError, match="outside the context"):
+        eng.forward(1, SEQ)   # the engines themselves still refuse a position past the end
+
+
+def test_torch_generate_bad_arguments(files):
+    model = files[0]
+    with pytest.raises(ValueError, match="longer than the context"):
+        model.generate([1] * (SEQ + 1), 5, context_shift=False)
+    with pytest.raises(ValueError, match="n_keep"):
+        model.generate([1, 2], 5, n_keep=0)
+    assert torch.is_grad_enabled()
