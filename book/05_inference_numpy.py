@@ -44,6 +44,8 @@ print(args)
 
 def piece(t: int) -> str:
     """A token as SentencePiece writes it: a leading space shows as ▁."""
+    if t < 3:   # tokenizer.bin stores <s> as "\n<s>\n" (chapter 1)
+        return ("<unk>", "<s>", "</s>")[t]
     return tok.pieces[t].decode("utf-8", errors="replace").replace(" ", "▁")
 
 # %% [markdown]
@@ -106,6 +108,7 @@ print("logits:", ours.shape)
 # chapter 2's PyTorch model. They must agree at every position to 1e-5.
 
 # %%
+# NBVAL_IGNORE_OUTPUT  (the last digits depend on the weights and the CPU; the bound is checked)
 engine = NumpyLlama.load(files[0])
 lib = np.stack([engine.forward(t, i) for i, t in enumerate(prompt)])
 model = Transformer.from_pretrained(paths.ckpt).eval()
@@ -120,6 +123,7 @@ assert d1 < 1e-5 and d2 < 1e-5
 # products instead of matrix–vector), the fast way to process a prompt:
 
 # %%
+# NBVAL_IGNORE_OUTPUT  (the last digits depend on the weights and the CPU; the bound is checked)
 engine.reset()
 batched = engine.forward_tokens(prompt, 0)
 d3 = np.abs(batched - lib).max()
@@ -304,10 +308,18 @@ for seed in range(1, 101):
 print(f"identical draws: {n_same} of {n_all} (must be all)")
 assert n_same == n_all
 
+# %% [markdown]
+# On the model's real next-token distribution, the same draws from a thousand coins, and how
+# much the cutoff saves:
+
+# %%
+# NBVAL_IGNORE_OUTPUT  (the count depends on the trained weights)
 probs = np.exp(ours[-1] - ours[-1].max()).astype(np.float32)
 probs /= probs.sum()
 coins = [XorShiftRng(s).f32() for s in range(1, 1001)]
-assert all(sample_topp_chapter(probs, 0.9, c) == sample_topp(probs, 0.9, c) for c in coins)
+same = sum(sample_topp_chapter(probs, 0.9, c) == sample_topp(probs, 0.9, c) for c in coins)
+print(f"identical draws: {same} of {len(coins)} (must be all)")
+assert same == len(coins)
 cutoff = (1 - 0.9) / (len(probs) - 1)
 print(f"the prompt's next token, top-p 0.9: cutoff {cutoff:.1e} keeps "
       f"{(probs >= cutoff).sum()} of {len(probs)} tokens to sort")
