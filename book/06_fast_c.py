@@ -203,8 +203,8 @@ for v in (0, 1, 2):
 start = tok.encode("Once upon a time", bos=True)
 for v in (0, 2):
     for temperature, topp in ((0.0, 0.9), (1.0, 0.9)):
-        c_ids = list(CLlama.load(files[v]).generate(start, 256, temperature, topp, seed=42))
-        np_ids = list(NumpyLlama.load(files[v]).generate(start, 256, temperature, topp, seed=42))
+        c_ids = list(CLlama.load(files[v]).generate(start, 128, temperature, topp, seed=42))
+        np_ids = list(NumpyLlama.load(files[v]).generate(start, 128, temperature, topp, seed=42))
         same = sum(x == y for x, y in zip(c_ids, np_ids))
         print(f"v{v} temperature {temperature}: C drew {len(c_ids)} tokens, NumPy "
               f"{len(np_ids)}, identical at {same} positions (must be all)")
@@ -481,7 +481,7 @@ else:
         run = lambda: [omp.matmul_omp(out, x, W, n, d, threads) for _ in range(reps)]  # noqa: E731
         return best_seconds(run, 3) / reps * 1e6
 
-    for d_, n_, reps in ((64, 64, 1000), (2048, 768, 10)):
+    for d_, n_, reps in ((64, 64, 300), (2048, 768, 5)):
         us = {th: omp_matmul_us(d_, n_, th, reps) for th in (1, 2)}
         print(f"{d_:4} x {n_:3} matmul: 1 thread {us[1]:8.2f} µs, 2 threads {us[2]:8.2f} µs")
 
