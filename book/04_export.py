@@ -231,7 +231,8 @@ def quantize_q80_naive(w: np.ndarray, gs: int):
     return q, s
 
 
-# NBVAL_IGNORE_OUTPUT  (the ratio's last digits depend on the trained weights)
+# NBVAL_IGNORE_OUTPUT
+# (the ratio's last digits depend on the trained weights)
 wq = sd["layers.0.attention.wq.weight"].numpy()
 q, s, maxerr = quantize_q80(wq, 32)
 q_naive, s_naive = quantize_q80_naive(wq, 32)
@@ -258,7 +259,8 @@ assert abs(v1_size / v2_size - 4 / (1 + 4 / gs)) < 0.05
 # matrix, the largest error in the group.
 
 # %%
-# NBVAL_IGNORE_OUTPUT  (the numbers depend on the trained weights)
+# NBVAL_IGNORE_OUTPUT
+# (the numbers depend on the trained weights)
 _, w2 = read_model(files[2])
 deq = dequantized(w2)
 group_err = np.concatenate([
@@ -280,7 +282,8 @@ print(f"{len(group_err):,} groups, worst {group_err.max():.1e}")
 # relative error ‖ŵ − w‖ / ‖w‖ against the bytes per weight.
 
 # %%
-# NBVAL_IGNORE_OUTPUT  (the errors depend on the trained weights)
+# NBVAL_IGNORE_OUTPUT
+# (the errors depend on the trained weights)
 mats = [w[k] for k in w if w[k].ndim == 2]
 sizes = [4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096]
 rel_err = []
@@ -308,7 +311,8 @@ assert all(a <= b * 1.01 for a, b in zip(rel_err, rel_err[1:]))   # longer group
 # the int8 file with chapter 5's NumPy engine and compare the logits and the greedy choices.
 
 # %%
-# NBVAL_IGNORE_OUTPUT  (the numbers depend on the trained weights)
+# NBVAL_IGNORE_OUTPUT
+# (the numbers depend on the trained weights)
 f32, i8 = NumpyLlama.load(files[0]), NumpyLlama.load(files[2])
 tokens = np.random.default_rng(0).integers(3, args.vocab_size, 128).tolist()
 a, b = f32.forward_tokens(tokens, 0), i8.forward_tokens(tokens, 0)

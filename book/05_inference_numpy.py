@@ -108,7 +108,8 @@ print("logits:", ours.shape)
 # chapter 2's PyTorch model. They must agree at every position to 1e-5.
 
 # %%
-# NBVAL_IGNORE_OUTPUT  (the last digits depend on the weights and the CPU; the bound is checked)
+# NBVAL_IGNORE_OUTPUT
+# (the last digits depend on the weights and the CPU; the bound is checked)
 engine = NumpyLlama.load(files[0])
 lib = np.stack([engine.forward(t, i) for i, t in enumerate(prompt)])
 model = Transformer.from_pretrained(paths.ckpt).eval()
@@ -123,7 +124,8 @@ assert d1 < 1e-5 and d2 < 1e-5
 # products instead of matrix–vector), the fast way to process a prompt:
 
 # %%
-# NBVAL_IGNORE_OUTPUT  (the last digits depend on the weights and the CPU; the bound is checked)
+# NBVAL_IGNORE_OUTPUT
+# (the last digits depend on the weights and the CPU; the bound is checked)
 engine.reset()
 batched = engine.forward_tokens(prompt, 0)
 d3 = np.abs(batched - lib).max()
@@ -139,7 +141,8 @@ assert d3 < 1e-5
 # ticks show the tokens in SentencePiece's raw form (`▁` is a leading space).
 
 # %%
-# NBVAL_IGNORE_OUTPUT  (the figures depend on the trained weights)
+# NBVAL_IGNORE_OUTPUT
+# (the figures depend on the trained weights)
 labels = [piece(p) for p in prompt]
 fig, axes = plt.subplots(args.n_layers, args.n_heads, figsize=(2.6 * args.n_heads + 1,
                                                              2.6 * args.n_layers))
@@ -163,7 +166,8 @@ plt.show()
 # before it.
 
 # %%
-# NBVAL_IGNORE_OUTPUT  (the numbers depend on the trained weights)
+# NBVAL_IGNORE_OUTPUT
+# (the numbers depend on the trained weights)
 rows = np.arange(1, T)
 print(f"{'layer':>5} {'head':>4} {'on <s>':>7} {'on itself':>9} {'on previous':>11}")
 for l in range(args.n_layers):
@@ -190,7 +194,8 @@ print(f"heads that give <s> more than half of their attention: {(sink > 0.5).sum
 # as one piece:
 
 # %%
-# NBVAL_IGNORE_OUTPUT  (the figure depends on the trained weights)
+# NBVAL_IGNORE_OUTPUT
+# (the figure depends on the trained weights)
 probs = np.exp(ours[-1] - ours[-1].max())
 probs /= probs.sum()
 top = np.argsort(-probs)[:10]
@@ -313,7 +318,8 @@ assert n_same == n_all
 # much the cutoff saves:
 
 # %%
-# NBVAL_IGNORE_OUTPUT  (the count depends on the trained weights)
+# NBVAL_IGNORE_OUTPUT
+# (the count depends on the trained weights)
 probs = np.exp(ours[-1] - ours[-1].max()).astype(np.float32)
 probs /= probs.sum()
 coins = [XorShiftRng(s).f32() for s in range(1, 1001)]
@@ -349,7 +355,8 @@ assert counts[k:].sum() == 0 and gap < 0.02
 # tokens (in colour) whose running sum first passes *p*.
 
 # %%
-# NBVAL_IGNORE_OUTPUT  (the figure depends on the trained weights)
+# NBVAL_IGNORE_OUTPUT
+# (the figure depends on the trained weights)
 def softmax_t(logits: np.ndarray, temperature: float) -> np.ndarray:
     z = logits.astype(np.float64) / temperature
     e = np.exp(z - z.max())

@@ -184,7 +184,8 @@ for name, fn in rows:
 # quantization — otherwise one flipped rounding would move a logit by a whole quantization step.
 
 # %%
-# NBVAL_IGNORE_OUTPUT  (the last digits depend on the weights and the CPU; the bound is checked)
+# NBVAL_IGNORE_OUTPUT
+# (the last digits depend on the weights and the CPU; the bound is checked)
 prompt = tok.encode("Once upon a time, there was a little dog", bos=True)
 for v in (0, 1, 2):
     c, py = CLlama.load(files[v], threads=2), NumpyLlama.load(files[v])
@@ -199,7 +200,8 @@ for v in (0, 1, 2):
 # tokens from the same seed — greedy or sampled, fp32 or int8:
 
 # %%
-# NBVAL_IGNORE_OUTPUT  (how many tokens, before </s>, depends on the trained weights)
+# NBVAL_IGNORE_OUTPUT
+# (how many tokens, before </s>, depends on the trained weights)
 start = tok.encode("Once upon a time", bos=True)
 for v in (0, 2):
     for temperature, topp in ((0.0, 0.9), (1.0, 0.9)):
@@ -266,7 +268,8 @@ print("Once upon a time" + "".join(tok.stream(engine.generate(start, 256, 0.8, 0
 # interleaved tries, and ratios within one run mean more than absolute values.)
 
 # %%
-# NBVAL_IGNORE_OUTPUT  (timings)
+# NBVAL_IGNORE_OUTPUT
+# (timings)
 def best_seconds(fn, reps):
     fn()
     times = []
@@ -296,7 +299,8 @@ for th, bw in bandwidth.items():
 # once, as the classifier).
 
 # %%
-# NBVAL_IGNORE_OUTPUT  (timings)
+# NBVAL_IGNORE_OUTPUT
+# (timings)
 sys.path.insert(0, str(paths.root / "bench"))
 import bench_engines  # noqa: E402
 
@@ -334,7 +338,8 @@ for s in shapes:
               f"{b * speed[s, fmt, 2] / 1e9:14.1f} {bandwidth[2] * 1e9 / b:17.0f}")
 
 # %%
-# NBVAL_IGNORE_OUTPUT  (timings)
+# NBVAL_IGNORE_OUTPUT
+# (timings)
 fig, ax = plt.subplots(figsize=(7, 4.2))
 x = np.geomspace(3e5, 1e9, 50)
 for th, style in ((1, ":"), (2, "--")):
@@ -386,7 +391,8 @@ plt.show()
 # for each, which is the less disturbed on a shared machine):
 
 # %%
-# NBVAL_IGNORE_OUTPUT  (timings)
+# NBVAL_IGNORE_OUTPUT
+# (timings)
 bw = max(bandwidth.values())
 for s in ("stories15M", "stories110M"):
     weights = nbytes[s, "fp32"] / 4
@@ -409,7 +415,8 @@ for s in ("stories15M", "stories110M"):
 # give the same model `hidden_dim` 192 (= 3 × 64), which allows groups of 64, and time both.
 
 # %%
-# NBVAL_IGNORE_OUTPUT  (timings)
+# NBVAL_IGNORE_OUTPUT
+# (timings)
 def random_model(a: ModelArgs, path: Path) -> Path:
     """A model with random weights, written with write_model from NumPy arrays (no torch)."""
     g = np.random.default_rng(0)
@@ -442,7 +449,8 @@ for hidden in (172, 192):
 # matrix, beside the cost of an empty parallel region:
 
 # %%
-# NBVAL_IGNORE_OUTPUT  (timings)
+# NBVAL_IGNORE_OUTPUT
+# (timings)
 omp_c, omp_l = fast_c.openmp_flags(cc)
 if not omp_c:
     print("this compiler has no OpenMP: nothing to measure")
