@@ -19,7 +19,7 @@
 # token's forward pass is a few dozen lines of array math: look up the embedding, and for each
 # layer normalise, project to q/k/v, rotate q and k, attend over the KV cache, project back, add;
 # normalise, feed forward, add. This chapter writes that out, checks it against PyTorch, then
-# adds llama2.c's sampler. The library version is `babyllama.inference_numpy.NumpyLlama`: it
+# writes llama2.c's sampler. The library version is `babyllama.inference_numpy.NumpyLlama`: it
 # never imports torch.
 
 # %%
@@ -31,7 +31,7 @@ import torch
 
 from babyllama import book
 from babyllama.export import read_model
-from babyllama.inference_numpy import NumpyLlama, XorShiftRng, sample
+from babyllama.inference_numpy import NumpyLlama, XorShiftRng, sample, sample_topp
 from babyllama.model import Transformer
 from babyllama.tokenizer import Tokenizer
 
@@ -40,6 +40,13 @@ files = book.ensure_exports(paths)
 tok = Tokenizer.from_bin(paths.tok_bin)
 args, w = read_model(files[0])
 print(args)
+
+
+def piece(t: int) -> str:
+    """A token as SentencePiece writes it: a leading space shows as ▁."""
+    if t < 3:   # tokenizer.bin stores <s> as "\n<s>\n" (chapter 1)
+        return ("<unk>", "<s>", "</s>")[t]
+    return tok.pieces[t].decode("utf-8", errors="replace").replace(" ", "▁")
 
 # %% [markdown]
 # ## 5.1 The forward pass, as plain array math
@@ -101,63 +108,125 @@ print("logits:", ours.shape)
 # chapter 2's PyTorch model. They must agree at every position to 1e-5.
 
 # %%
+# NBVAL_IGNORE_OUTPUT
+# (the last digits depend on the weights and the CPU; the bound is checked)
 engine = NumpyLlama.load(files[0])
 lib = np.stack([engine.forward(t, i) for i, t in enumerate(prompt)])
 model = Transformer.from_pretrained(paths.ckpt).eval()
 with torch.no_grad():
     ref = model(torch.tensor([prompt]))[0][0].numpy()
-print("naive vs library:", np.abs(ours - lib).max() < 1e-5,
-      "| library vs PyTorch:", np.abs(lib - ref).max() < 1e-5)
-assert np.abs(ours - lib).max() < 1e-5 and np.abs(lib - ref).max() < 1e-5
+d1, d2 = np.abs(ours - lib).max(), np.abs(lib - ref).max()
+print(f"max |Δlogit| naive vs library {d1:.1e}, library vs PyTorch {d2:.1e} (bound 1e-5)")
+assert d1 < 1e-5 and d2 < 1e-5
 
 # %% [markdown]
 # The library also has `forward_tokens`, which takes the whole prompt at once (matrix–matrix
 # products instead of matrix–vector), the fast way to process a prompt:
 
 # %%
+# NBVAL_IGNORE_OUTPUT
+# (the last digits depend on the weights and the CPU; the bound is checked)
 engine.reset()
 batched = engine.forward_tokens(prompt, 0)
-assert np.abs(batched - lib).max() < 1e-5
+d3 = np.abs(batched - lib).max()
+print(f"max |Δlogit| whole prompt vs one token at a time: {d3:.1e} (bound 1e-5)")
+assert d3 < 1e-5
 
 # %% [markdown]
 # ## 5.2 What the model looks at
 #
-# The attention weights we kept: row *t* of each map is where token *t* looked. Early layers
-# look mostly at the previous few tokens; later heads reach back to the name and the subject.
-
-# %%
-# NBVAL_IGNORE_OUTPUT  (the figures depend on the trained weights)
-labels = [tok.decode([p]).strip() or "·" for p in prompt]
-labels[0] = "<s>"
-fig, axes = plt.subplots(1, args.n_layers, figsize=(3.2 * args.n_layers, 3.4))
-for l, ax in enumerate(axes):
-    ax.imshow(attention[l, 0], cmap="viridis", vmin=0, vmax=1)
-    ax.set_title(f"layer {l}, head 0")
-    ax.set_xticks(range(T), labels, rotation=90, fontsize=7)
-    ax.set_yticks(range(T), labels, fontsize=7)
-fig.tight_layout()
-plt.show()
+# The attention weights we kept: in each map, row *t* is the query at position *t* and its
+# colours say how it divides its attention (summing to 1) over positions 0..*t*; above the
+# diagonal is the future, which it cannot see. Every head of every layer is drawn, and the
+# ticks show the tokens in SentencePiece's raw form (`▁` is a leading space).
 
 # %%
 # NBVAL_IGNORE_OUTPUT
+# (the figures depend on the trained weights)
+labels = [piece(p) for p in prompt]
+fig, axes = plt.subplots(args.n_layers, args.n_heads, figsize=(2.6 * args.n_heads + 1,
+                                                             2.6 * args.n_layers))
+for l in range(args.n_layers):
+    for h in range(args.n_heads):
+        ax = axes[l, h]
+        im = ax.imshow(np.where(np.tri(T, dtype=bool), attention[l, h], np.nan),
+                       cmap="viridis", vmin=0, vmax=1)
+        ax.set_title(f"layer {l}, head {h}", fontsize=8)
+        ax.set_xticks(range(T), labels if l == args.n_layers - 1 else [], rotation=90,
+                      fontsize=6)
+        ax.set_yticks(range(T), labels if h == 0 else [], fontsize=6)
+fig.supxlabel("key position (the token looked at)")
+fig.supylabel("query position (the token looking)")
+fig.colorbar(im, ax=axes, shrink=0.6, label="attention weight")
+plt.show()
+
+# %% [markdown]
+# Where does the attention go, on average? For every head, over the queries at positions
+# 1..T−1: the weight on `<s>` (position 0), on the query's own token, and on the token just
+# before it.
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+# (the numbers depend on the trained weights)
+rows = np.arange(1, T)
+print(f"{'layer':>5} {'head':>4} {'on <s>':>7} {'on itself':>9} {'on previous':>11}")
+for l in range(args.n_layers):
+    for h in range(args.n_heads):
+        A = attention[l, h]
+        print(f"{l:5} {h:4} {A[rows, 0].mean():7.2f} {A[rows, rows].mean():9.2f} "
+              f"{A[rows, rows - 1].mean():11.2f}")
+sink = attention[:, :, rows, 0].mean(-1)
+print(f"heads that give <s> more than half of their attention: {(sink > 0.5).sum()} of "
+      f"{sink.size}")
+
+# %% [markdown]
+# A bright first column — a head that puts much of its weight on `<s>` whatever the query —
+# is an **attention sink**. Softmax must hand out a total weight of 1, so a head with nothing
+# useful to read at this position still has to put its weight somewhere, and the first token,
+# visible from every position and always `<s>`, is a safe place to park it. Large models do
+# this in many heads (Xiao et al., 2023, *Efficient Streaming Language Models with Attention
+# Sinks*), which is why a context that slides past its start must keep its first tokens; the
+# last line above counts how many of our small model's heads do it. The other two columns show
+# how much each head looks at the token itself and at the one just before it: the local
+# patterns (which word follows which) that a small model learns first.
+#
+# And the prediction for what comes after the prompt — a name, written with its leading space
+# as one piece:
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+# (the figure depends on the trained weights)
 probs = np.exp(ours[-1] - ours[-1].max())
 probs /= probs.sum()
 top = np.argsort(-probs)[:10]
 fig, ax = plt.subplots(figsize=(6, 2.8))
-ax.bar([repr(tok.decode([int(i)])) for i in top], probs[top])
-ax.set_title(f"next token after {tok.decode(prompt)!r}")
+ax.bar([piece(int(i)) for i in top], probs[top])
+ax.set_title(f"next token after {tok.decode(prompt)!r}", fontsize=9)
+ax.set_xlabel("token (▁ = leading space)")
+ax.set_ylabel("probability")
 ax.tick_params(axis="x", rotation=45)
 plt.show()
-assert any(tok.decode([int(i)]).strip()[:1].isupper() for i in top)   # names are likely
+names = [int(i) for i in top if tok.decode([int(i)]).strip()[:1].isupper()]
+print(f"capitalized pieces among the 10 most likely: {len(names)} (bound: >= 1), holding "
+      f"probability {probs[names].sum():.2f}")
+assert len(names) >= 1   # after "named", a name
 
 # %% [markdown]
 # ## 5.3 Sampling, exactly as run.c does it
 #
-# At temperature 0, take the argmax. Otherwise divide the logits by the temperature, softmax,
-# and draw with a uniform random number ("coin"). **Top-p** sampling first keeps only the
-# smallest set of most likely tokens whose probabilities add up to more than *p*, then draws
-# within it. The random numbers come from run.c's **xorshift64\*** generator, written out here,
-# so that the C engine of chapter 6 can draw the very same tokens from the same seed.
+# The model gives logits; the sampler turns them into one token:
+#
+# - **Temperature 0**: take the argmax (greedy).
+# - Otherwise divide the logits by the **temperature** *T* and softmax: *T* < 1 sharpens the
+#   distribution towards the likely tokens, *T* > 1 flattens it.
+# - Draw with one uniform random number, the **coin** in [0, 1): walk the tokens adding up
+#   their probabilities, and take the first one where the running sum passes the coin.
+# - **Top-p** (nucleus) sampling first keeps only the smallest set of most likely tokens whose
+#   probabilities add up to more than *p*, then draws within it (the coin is scaled by the
+#   set's total). The long tail of unlikely tokens, each rare but many together, is cut off.
+#
+# The random numbers come from run.c's **xorshift64\*** generator, written out here, so that
+# the C engine of chapter 6 draws the very same tokens from the same seed.
 
 # %%
 def random_u32_naive(state: int) -> tuple[int, int]:
@@ -176,11 +245,149 @@ for _ in range(5):
 print(draws)
 assert draws == [rng.u32() for _ in range(5)]
 
+# %% [markdown]
+# Top-p needs the tokens sorted by probability, and sorting all 32,000 of a Llama vocabulary
+# every token is slow. run.c's trick: a token with probability below
+# `cutoff = (1 − p) / (n − 1)` can never be in the nucleus. Why: at most `n − 1` tokens are
+# below the cutoff (at least one token has probability ≥ 1/n ≥ cutoff), so together they hold
+# less than `(n − 1) · cutoff = 1 − p`; the tokens at or above the cutoff therefore hold more
+# than *p*, and since every one of them is more likely than any token below, the running sum
+# passes *p* before it reaches the first token below the cutoff. So only the candidates are
+# sorted. Probabilities are float32 and the running sums are float32 additions in order, as in
+# C; ties are broken by the lower token id, as our C engine does.
+
+# %%
+def sample_mult_chapter(probs: np.ndarray, coin: float) -> int:
+    cdf = np.cumsum(probs, dtype=np.float32)           # running sum, in order
+    hit = np.nonzero(np.float32(coin) < cdf)[0]
+    return int(hit[0]) if hit.size else len(probs) - 1   # rounding left the sum below the coin
+
+
+def sample_topp_chapter(probs: np.ndarray, topp: float, coin: float) -> int:
+    cutoff = np.float32((1.0 - topp) / (len(probs) - 1))
+    cand = np.nonzero(probs >= cutoff)[0]                     # the only possible members
+    cand = cand[np.argsort(-probs[cand], kind="stable")]      # most likely first
+    total, last = np.float32(0), len(cand) - 1
+    for i, t in enumerate(cand):                              # grow the nucleus until it
+        total = np.float32(total + probs[t])                  # holds more than topp
+        if total > np.float32(topp):
+            last = i
+            break
+    r = np.float32(coin) * total                               # the coin, scaled to the nucleus
+    cdf = np.float32(0)
+    for t in cand[:last + 1]:
+        cdf = np.float32(cdf + probs[t])
+        if r < cdf:
+            return int(t)
+    return int(cand[last])
+
+
+def sample_chapter(logits: np.ndarray, temperature: float, topp: float, rng: XorShiftRng) -> int:
+    if temperature == 0.0:
+        return int(np.argmax(logits))
+    # softmax in double, rounded to float32: the C engine does the same, so both get equal probs
+    z = (logits / np.float32(temperature)).astype(np.float64)
+    e = np.exp(z - z.max())
+    probs = (e / e.sum()).astype(np.float32)
+    coin = rng.f32()
+    if topp <= 0 or topp >= 1:
+        return sample_mult_chapter(probs, coin)
+    return sample_topp_chapter(probs, topp, coin)
+
+# %% [markdown]
+# Our sampler against the library's, draw for draw, on random logits of the book's vocabulary
+# size at several temperatures and *p* (including greedy and plain multinomial):
+
+# %%
+gen = np.random.default_rng(0)
+n_same = n_all = 0
+for seed in range(1, 101):
+    logits = (gen.standard_normal(args.vocab_size) * gen.uniform(0.5, 4)).astype(np.float32)
+    for temperature in (0.0, 0.5, 1.0, 1.5):
+        for topp in (0.5, 0.9, 0.99, 1.0):
+            a, b = XorShiftRng(seed), XorShiftRng(seed)
+            mine = [sample_chapter(logits, temperature, topp, a) for _ in range(5)]
+            theirs = [sample(logits, temperature, topp, b) for _ in range(5)]
+            n_same += sum(x == y for x, y in zip(mine, theirs))
+            n_all += len(mine)
+print(f"identical draws: {n_same} of {n_all} (must be all)")
+assert n_same == n_all
+
+# %% [markdown]
+# On the model's real next-token distribution, the same draws from a thousand coins, and how
+# much the cutoff saves:
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+# (the count depends on the trained weights)
+probs = np.exp(ours[-1] - ours[-1].max()).astype(np.float32)
+probs /= probs.sum()
+coins = [XorShiftRng(s).f32() for s in range(1, 1001)]
+same = sum(sample_topp_chapter(probs, 0.9, c) == sample_topp(probs, 0.9, c) for c in coins)
+print(f"identical draws: {same} of {len(coins)} (must be all)")
+assert same == len(coins)
+cutoff = (1 - 0.9) / (len(probs) - 1)
+print(f"the prompt's next token, top-p 0.9: cutoff {cutoff:.1e} keeps "
+      f"{(probs >= cutoff).sum()} of {len(probs)} tokens to sort")
+
+# %% [markdown]
+# Draws follow the probabilities, and nothing outside the nucleus is ever drawn:
+
+# %%
 rng = XorShiftRng(7)
 logits = np.array([3.0, 2.0, 1.0, 0.0, -5.0], dtype=np.float32)
-counts = np.bincount([sample(logits, 1.0, 0.9, rng) for _ in range(10_000)], minlength=5)
-print("top-p 0.9 draws per token:", counts.tolist())
-assert counts[3] == counts[4] == 0   # outside the nucleus: never drawn
+p = np.exp(logits - logits.max()).astype(np.float64)
+p /= p.sum()
+counts = np.bincount([sample_chapter(logits, 1.0, 0.9, rng) for _ in range(10_000)], minlength=5)
+k = int(np.searchsorted(np.cumsum(p), 0.9, side="right")) + 1   # first running sum > 0.9
+inside = p[:k] / p[:k].sum()
+print("probabilities:       ", [round(float(x), 3) for x in p])
+print(f"the nucleus: the first {k} tokens, holding {p[:k].sum():.3f} > 0.9")
+print("expected when drawn: ", [round(float(x), 3) for x in inside], f"+ {[0] * (5 - k)}")
+print("drawn (of 10,000):   ", counts.tolist())
+gap = np.abs(counts[:k] / 10_000 - inside).max()
+print(f"largest gap to expected frequency {gap:.3f} (bound 0.02: 4 standard errors)")
+assert counts[k:].sum() == 0 and gap < 0.02
+
+# %% [markdown]
+# Here are temperature and top-p applied to one real distribution, the model's next token after
+# our prompt. Lower temperature piles the mass onto the first few tokens; top-p then keeps the
+# tokens (in colour) whose running sum first passes *p*.
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+# (the figure depends on the trained weights)
+def softmax_t(logits: np.ndarray, temperature: float) -> np.ndarray:
+    z = logits.astype(np.float64) / temperature
+    e = np.exp(z - z.max())
+    return e / e.sum()
+
+
+order = np.argsort(-ours[-1])[:20]
+names = [piece(int(i)) for i in order]
+fig, axes = plt.subplots(1, 2, figsize=(11, 3.4))
+for temperature in (0.5, 1.0, 1.5):
+    axes[0].plot(range(20), softmax_t(ours[-1], temperature)[order], "o-", ms=3,
+                 label=f"T = {temperature}")
+axes[0].set_xticks(range(20), names, rotation=90, fontsize=7)
+axes[0].set_xlabel("token, most likely first (at T = 1)")
+axes[0].set_ylabel("probability")
+axes[0].set_title("temperature")
+axes[0].legend()
+for topp, color in ((0.5, "tab:red"), (0.9, "tab:blue")):
+    p_sorted = softmax_t(ours[-1], 1.0)[order]
+    n_keep = int(np.searchsorted(np.cumsum(softmax_t(ours[-1], 1.0)[np.argsort(-ours[-1])]),
+                                 topp, side="right")) + 1
+    axes[1].bar(np.arange(20) + (0.2 if topp == 0.9 else -0.2), p_sorted, 0.4,
+                color=[color if i < n_keep else "lightgray" for i in range(20)],
+                label=f"top-p {topp}: keeps {n_keep} tokens")
+axes[1].set_xticks(range(20), names, rotation=90, fontsize=7)
+axes[1].set_xlabel("token, most likely first")
+axes[1].set_ylabel("probability (T = 1)")
+axes[1].set_title("top-p: coloured = in the nucleus, grey = cut")
+axes[1].legend(fontsize=8)
+fig.tight_layout()
+plt.show()
 
 # %% [markdown]
 # ## 5.4 Generation
@@ -224,3 +431,20 @@ def torch_steps(n):
 print(f"{'engine':8} {'tok/s':>8}")
 for name, fn in (("numpy", numpy_steps), ("pytorch", torch_steps)):
     print(f"{name:8} {tokens_per_second(fn):8.0f}")
+
+# %% [markdown]
+# ## Exercises
+#
+# Solutions are in `tests/test_exercises.py`, where they are checked.
+#
+# 1. **Top-k sampling.** Write `sample_topk(logits, k, temperature, coin)`: keep the `k` most
+#    likely tokens, softmax over them at the temperature, draw with the coin. Show that `k = 1`
+#    is greedy, that no draw falls outside the top `k`, and that `k = vocab_size` draws what
+#    plain multinomial sampling (`sample_mult_chapter`) draws from the same coin.
+# 2. **Min-p sampling.** Keep the tokens whose probability is at least `min_p` times the top
+#    token's. Why does this adapt to the model's confidence in a way top-p does not? Check that
+#    a draw is never below the threshold.
+# 3. **Perplexity with the NumPy engine.** Using `engine.forward_tokens`, compute the mean
+#    negative log-likelihood of a token sequence (each token predicted from the ones before
+#    it) and its perplexity `exp(nll)`. Check it against PyTorch's `F.cross_entropy` on the
+#    same model.

@@ -31,9 +31,18 @@ import tempfile
 import time
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
 
 from babyllama import book, fast_c
+from babyllama.config import PRESETS, ModelArgs
+from babyllama.export import (
+    _payload_size,
+    choose_group_size,
+    layer_shapes,
+    read_header,
+    write_model,
+)
 from babyllama.fast_c import CLlama, CTokenizer
 from babyllama.inference_numpy import NumpyLlama
 from babyllama.tokenizer import Tokenizer
@@ -77,12 +86,65 @@ assert np.allclose(out, W @ x, rtol=1e-4, atol=1e-3)
 print("naive C == NumPy")
 
 # %% [markdown]
-# The library's `bl_matmul_f32` (`csrc/kernels.c`) differs in three ways: it splits rows across
-# threads with OpenMP; it computes four rows at a time so each load of `x` serves four rows;
-# and inside a row it uses SIMD fused multiply-adds (AVX2 or NEON) with independent
-# accumulators. `babyllama.fast_c` compiles `csrc/` the first time it is needed (flags:
-# `-O3 -march=native`, OpenMP when the compiler has it) and caches the library by a hash of
-# sources, compiler and flags.
+# ## 6.2 The SIMD kernel
+#
+# The library's `bl_matmul_f32` (`csrc/kernels.c`) computes the same thing faster in three
+# ways: it splits the rows across threads with OpenMP; it computes **four rows at a time**, so
+# each load of `x` serves four rows; and inside a row it uses **SIMD** instructions that work on
+# 8 floats at once. Here is its inner function, read from the source file:
+
+# %%
+def c_function(path: Path, name: str) -> str:
+    """The source of C function `name` in `path`, with the comment just above it."""
+    lines = path.read_text().splitlines()
+    first = next((i for i, line in enumerate(lines)
+                  if f" {name}(" in line and not line.rstrip().endswith(";")), None)
+    if first is None:
+        raise LookupError(f"{path}: no function {name}")
+    while first > 0 and lines[first - 1].lstrip().startswith(("/*", "*")):
+        first -= 1
+    depth, seen = 0, False
+    for last in range(first, len(lines)):
+        depth += lines[last].count("{") - lines[last].count("}")
+        seen = seen or "{" in lines[last]
+        if seen and depth == 0:
+            return "\n".join(lines[first:last + 1])
+    raise LookupError(f"{path}: function {name} has no end")
+
+
+kernels = paths.root / "csrc" / "kernels.c"
+print(c_function(kernels, "dot4_f32"))
+
+# %% [markdown]
+# Reading it from the top:
+#
+# - `__m256` is an AVX2 register holding 8 floats. `_mm256_loadu_ps(w0 + j)` loads 8
+#   consecutive weights of row 0; `_mm256_fmadd_ps(a, b, c)` computes `a * b + c` on all 8
+#   lanes in one instruction (a *fused* multiply-add: one rounding instead of two).
+# - `xv`, the 8 values of `x`, is loaded once and used by four rows: per step, 5 loads feed 4
+#   FMAs instead of 8 loads for 4 separate dot products.
+# - `a0`..`a3` are four independent accumulators. An FMA takes about 4 cycles to deliver its
+#   result, but the CPU can start two per cycle: with a single accumulator each FMA would wait
+#   for the previous one. Four chains keep the unit busier.
+# - After the loop, `hsum256` adds the 8 lanes of each accumulator; the plain `for` loop at the
+#   end handles the last `n % 8` values, so any row length works.
+# - `__builtin_prefetch` asks the memory system for the *next* four rows while these are
+#   summed, so they are (partly) in cache when their turn comes (§6.4).
+# - The `BL_NEON` branch is the same on ARM (4 floats per register); with neither, only the
+#   portable loop runs. The compiler picks the branch from `-march=native`.
+#
+# The sum is added in a different order than NumPy's, so the results agree to rounding
+# (`rtol=1e-4`), not bit for bit. The int8 kernel of v2 files has the same shape; its inner
+# product over one group of `gs` int8 pairs is exact integer arithmetic, with SIMD branches for
+# groups that are multiples of 32 or 16 (we will need this in §6.5):
+
+# %%
+print(c_function(kernels, "idot"))
+
+# %% [markdown]
+# `babyllama.fast_c` compiles `csrc/` the first time it is needed (flags: `-O3
+# -march=native`, OpenMP when the compiler has it) and caches the library by a hash of
+# sources, compiler and flags. Its matmul against NumPy:
 
 # %%
 lib = fast_c.load_library()
@@ -95,12 +157,13 @@ print("library matmul == NumPy")
 
 # %%
 # NBVAL_IGNORE_OUTPUT
-def gflops(fn, reps=200):
+def gflops(fn, reps=50):
     fn()
     t0 = time.perf_counter()
     for _ in range(reps):
         fn()
     return 2 * d * n * reps / (time.perf_counter() - t0) / 1e9
+
 
 
 rows = [("naive C, 1 thread", lambda: naive.matmul_naive(out, x, W, n, d)),
@@ -111,7 +174,7 @@ for name, fn in rows:
     print(f"{name:20} {gflops(fn):6.1f} GFLOP/s")
 
 # %% [markdown]
-# ## 6.2 The whole forward pass, token for token
+# ## 6.3 The whole forward pass, token for token
 #
 # `CLlama.load(path, threads)` has chapter 5's interface. The C side validates the file
 # (header, sizes, file length) before it maps it; every entry point returns an error code and
@@ -121,12 +184,15 @@ for name, fn in rows:
 # quantization — otherwise one flipped rounding would move a logit by a whole quantization step.
 
 # %%
+# NBVAL_IGNORE_OUTPUT
+# (the last digits depend on the weights and the CPU; the bound is checked)
 prompt = tok.encode("Once upon a time, there was a little dog", bos=True)
 for v in (0, 1, 2):
     c, py = CLlama.load(files[v], threads=2), NumpyLlama.load(files[v])
     a = np.stack([c.forward(t, i) for i, t in enumerate(prompt)])
     b = np.stack([py.forward(t, i) for i, t in enumerate(prompt)])
-    print(f"v{v}: C vs NumPy, every position: max |Δlogit| < 1e-4: {np.abs(a - b).max() < 1e-4}")
+    print(f"v{v}: C vs NumPy, every position: max |Δlogit| = {np.abs(a - b).max():.1e} "
+          f"(bound 1e-4)")
     assert np.abs(a - b).max() < 1e-4
 
 # %% [markdown]
@@ -134,13 +200,17 @@ for v in (0, 1, 2):
 # tokens from the same seed — greedy or sampled, fp32 or int8:
 
 # %%
+# NBVAL_IGNORE_OUTPUT
+# (how many tokens, before </s>, depends on the trained weights)
 start = tok.encode("Once upon a time", bos=True)
 for v in (0, 2):
     for temperature, topp in ((0.0, 0.9), (1.0, 0.9)):
-        c_ids = list(CLlama.load(files[v]).generate(start, 256, temperature, topp, seed=42))
-        np_ids = list(NumpyLlama.load(files[v]).generate(start, 256, temperature, topp, seed=42))
+        c_ids = list(CLlama.load(files[v]).generate(start, 128, temperature, topp, seed=42))
+        np_ids = list(NumpyLlama.load(files[v]).generate(start, 128, temperature, topp, seed=42))
+        same = sum(x == y for x, y in zip(c_ids, np_ids))
+        print(f"v{v} temperature {temperature}: C drew {len(c_ids)} tokens, NumPy "
+              f"{len(np_ids)}, identical at {same} positions (must be all)")
         assert c_ids == np_ids
-        print(f"v{v} temperature {temperature}: C and NumPy drew identical tokens")
 c_tok = CTokenizer(paths.tok_bin)
 assert c_tok.encode("Once upon a time 🐈") == tok.encode("Once upon a time 🐈")
 
@@ -155,11 +225,11 @@ print("Once upon a time" + "".join(tok.stream(engine.generate(start, 256, 0.8, 0
 # (`make -C csrc && ./csrc/run out/book_v0.bin -z out/tok512.bin -i "Once upon a time"`), and
 # `babyllama generate ... --engine c`.
 #
-# ## 6.3 Where a token's time goes
+# ## 6.4 Where a token's time goes
 #
-# A token reads every weight once: stories15M in fp32 is 61 MB per token. That is far more than
-# the CPU caches hold, so the weights stream from main memory, and two cores of this machine
-# stream about 17–20 GB/s: at most ~300 tokens/s, however fast the arithmetic. Once the matmul
+# A token reads every weight once: stories15M in fp32 is 61 MB per token. That is more than
+# the CPU caches hold, so the weights stream from main memory, and the speed of that stream
+# caps the tokens per second however fast the arithmetic (§6.5 measures both). Once the matmul
 # is SIMD, the rest of the kernel is about not wasting that stream:
 #
 # - **Prefetch.** `dot4_f32` asks for the next block of 4 rows while it sums the current one.
@@ -184,28 +254,267 @@ print("Once upon a time" + "".join(tok.stream(engine.generate(start, 256, 0.8, 0
 # threads: stories15M fp32 1.16× and 1.24×, int8 1.45× and 1.54×; stories110M fp32 1.20× and
 # 1.22×, int8 1.54× and 1.39×; stories260K fp32 1.10× and 1.45×, int8 1.36× and 1.37×.
 #
-# ## 6.4 How fast?
+
+# %% [markdown]
+# ## 6.5 How fast, and what sets the pace
 #
-# `bench/bench_engines.py` times every engine side by side — C at 1 and 2 threads, NumPy and
-# PyTorch, fp32 and int8, prompt processing and generation separately — on stories260K-, 15M-
-# and 110M-shaped models, prints a table and saves a plot. With `--llama2c DIR` it also runs
-# llama2.c's own `run`/`runq` on the same files. Here is a quick run on the two smaller shapes.
-# Note how stories15M's int8 file, 3.6 times smaller, is generated about twice as fast as its
-# fp32 one: the memory traffic, not the arithmetic, sets the pace. (This machine is shared and
-# its speed drifts by ±20% from minute to minute; compare rows of one run, not across runs.)
+# Two limits bound the speed of a token. **Memory**: every weight is read once per token, so
+# tokens/s ≤ bandwidth ÷ bytes per token. **Arithmetic**: every weight is one multiply-add, so
+# tokens/s ≤ (multiply-adds per second the kernel sustains) ÷ weights. Whichever is lower wins.
+#
+# First the memory limit: the fastest our fp32 kernel streams a 134 MB matrix — four times the
+# 32 MB L3 cache of this CPU, so it comes from DRAM — at 1 and 2 threads. (This machine is
+# shared and its speed drifts from minute to minute: every number below is the best of a few
+# interleaved tries, and ratios within one run mean more than absolute values.)
 
 # %%
 # NBVAL_IGNORE_OUTPUT
+# (timings)
+def best_seconds(fn, reps):
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def dram_bandwidth(threads: int, d: int = 8192, n: int = 4096) -> float:
+    """GB/s of our fp32 kernel on a (d, n) matrix far larger than the caches."""
+    W = np.full((d, n), 0.5, dtype=np.float32)
+    x, out = np.ones(n, dtype=np.float32), np.zeros(d, dtype=np.float32)
+    return W.nbytes / best_seconds(lambda: lib.bl_matmul_f32(out, x, W, n, d, threads), 5) / 1e9
+
+
+bandwidth = {th: dram_bandwidth(th) for th in (1, 2)}
+for th, bw in bandwidth.items():
+    print(f"{th} thread{'s' if th > 1 else ''}: {bw:5.1f} GB/s from DRAM")
+
+# %% [markdown]
+# Now the whole C engine, generating one token at a time, on models with the shapes of
+# stories260K, stories15M and stories110M (random weights: speed does not depend on what a model
+# learned; `bench/bench_engines.py` makes and caches them in `out/bench/`), fp32 and int8, at 1
+# and 2 threads. Bytes per token are the file's weights (the embedding table is read in full
+# once, as the classifier).
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+# (timings)
 sys.path.insert(0, str(paths.root / "bench"))
 import bench_engines  # noqa: E402
 
-rows = bench_engines.run_engines(["stories260K", "stories15M"], prompt_len=16, gen=32,
-                                 threads=2)
-bench_engines.print_table(rows)
-png = bench_engines.plot(rows, paths.out / "bench_chapter06.png")
+
+def bytes_per_token(path: Path) -> int:
+    a, version, shared, gs, _ = read_header(path)
+    return _payload_size(a, 2 if version == 2 else 1, shared, gs)
+
+
+def gen_speed(engine, seconds: float = 0.25) -> float:
+    """Generated tokens/s: one token at a time, positions 0..63 over and over."""
+    engine.reset()
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        engine.forward(5, n % 64)
+        n += 1
+    return n / (time.perf_counter() - t0)
+
+
+shapes = ["stories260K", "stories15M", "stories110M"]
+runs = {(s, fmt, th): CLlama.load(bench_engines.make_files(s)[v], threads=th)
+        for s in shapes for fmt, v in (("fp32", 0), ("int8", 2)) for th in (1, 2)}
+speed = {k: 0.0 for k in runs}
+for _ in range(3):                        # interleaved, best of 3: the machine drifts
+    for k, engine in runs.items():
+        speed[k] = max(speed[k], gen_speed(engine))
+nbytes = {(s, fmt): bytes_per_token(bench_engines.make_files(s)[v])
+          for s in shapes for fmt, v in (("fp32", 0), ("int8", 2))}
+print(f"{'shape':12} {'format':6} {'MB/token':>9} {'tok/s 1 thr':>12} {'tok/s 2 thr':>12} "
+      f"{'GB/s at 2 thr':>14} {'DRAM limit tok/s':>17}")
+for s in shapes:
+    for fmt in ("fp32", "int8"):
+        b = nbytes[s, fmt]
+        print(f"{s:12} {fmt:6} {b / 1e6:9.1f} {speed[s, fmt, 1]:12.0f} {speed[s, fmt, 2]:12.0f} "
+              f"{b * speed[s, fmt, 2] / 1e9:14.1f} {bandwidth[2] * 1e9 / b:17.0f}")
 
 # %%
 # NBVAL_IGNORE_OUTPUT
-from IPython.display import Image  # noqa: E402
+# (timings)
+fig, ax = plt.subplots(figsize=(7, 4.2))
+x = np.geomspace(3e5, 1e9, 50)
+for th, style in ((1, ":"), (2, "--")):
+    ax.plot(x / 1e6, bandwidth[th] * 1e9 / x, "k" + style,
+            label=f"DRAM limit, {th} thread{'s' if th > 1 else ''} ({bandwidth[th]:.0f} GB/s)")
+ax.axvspan(3e5 / 1e6, 32, color="tab:green", alpha=0.08, label="fits in the 32 MB L3 cache")
+for (s, fmt, th), v in speed.items():
+    ax.scatter(nbytes[s, fmt] / 1e6, v, marker="o" if fmt == "fp32" else "s",
+               color="tab:blue" if th == 1 else "tab:orange", zorder=3)
+    if v == max(speed[s, fmt, 1], speed[s, fmt, 2]):
+        ax.annotate(f"{s[7:]} {fmt}", (nbytes[s, fmt] / 1e6, v), fontsize=7,
+                    xytext=(5, 3), textcoords="offset points")
+ax.scatter([], [], color="tab:blue", label="1 thread")
+ax.scatter([], [], color="tab:orange", label="2 threads")
+ax.set_xscale("log")
+ax.set_yscale("log")
+ax.set_xlabel("weight bytes read per token (MB, log)")
+ax.set_ylabel("generated tokens/s (log)")
+ax.set_title("C engine: measured speed (circles fp32, squares int8) against the memory limit")
+ax.legend(fontsize=7, loc="upper right")
+fig.tight_layout()
+plt.show()
 
-Image(str(png))
+# %% [markdown]
+# A point on its dashed line is memory-bound: it reads weights as fast as DRAM delivers them.
+# A point below it is limited by something else. (On a busy machine every point drops; the
+# numbers quoted here come from a quiet run of this notebook on the same 2-core machine, where
+# two threads streamed 17–20 GB/s.)
+#
+# - **fp32 15M and 110M sit near the line.** stories15M fp32 made 258 tok/s at 2 threads:
+#   258 × 61 MB = 15.7 GB/s, most of the bandwidth. Memory traffic sets their pace.
+# - **int8 does not get the 3.6× its smaller file promises.** stories15M int8 made 518 tok/s:
+#   518 × 17 MB = 8.9 GB/s, half the bandwidth — so int8 is limited by its arithmetic, not by
+#   memory. Per weight, the int8 kernel does more than an fp32 FMA lane does: an int8 multiply,
+#   widening adds to int32, and per group a conversion to float and two multiplies by the
+#   scales; and before every matmul it quantizes the activations. It sustains 518 × 15.2 M
+#   ≈ 7.9 G weights/s, and fp32 (4 bytes a weight) is held to 17–20 GB/s ÷ 4 ≈ 4.5 G
+#   weights/s: the gain is about 7.9 / 4.5 ≈ 1.8×, which is the measured 2×. The same ratio
+#   holds for 110M on this machine.
+# - **The gain depends on the CPU.** It is the ratio of two different limits, int8
+#   arithmetic against fp32 memory traffic: `gain ≈ int8 weights/s × 4 bytes ÷ bandwidth`. A
+#   CPU with more memory bandwidth per core runs fp32 faster but int8 no faster, and there the
+#   gain falls towards 1× (as reported for 110M on some CPUs); a CPU with faster int8 units
+#   (AVX-512 VNNI, ARM's dot-product instructions) raises it.
+# - stories15M's int8 file (17 MB) even fits in this CPU's 32 MB L3 cache, so after the first
+#   token it hardly touches DRAM: there the arithmetic is all there is.
+#
+# The cell below applies the formula to this run's own numbers (the better of 1 and 2 threads
+# for each, which is the less disturbed on a shared machine):
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+# (timings)
+bw = max(bandwidth.values())
+for s in ("stories15M", "stories110M"):
+    weights = nbytes[s, "fp32"] / 4
+    fp32, int8 = (max(speed[s, fmt, th] for th in (1, 2)) for fmt in ("fp32", "int8"))
+    rate8 = int8 * weights
+    print(f"{s}: fp32 {fp32 * nbytes[s, 'fp32'] / 1e9:.1f} GB/s of {bw:.1f}; int8 kernel "
+          f"{rate8 / 1e9:.1f} G weights/s; predicted gain = {rate8 / 1e9:.1f} × 4 / {bw:.1f} = "
+          f"{rate8 * 4 / (bw * 1e9):.1f}×, measured {int8 / fp32:.1f}×")
+
+# %% [markdown]
+# ### Why stories260K int8 is so much slower than fp32
+#
+# stories260K's `hidden_dim` is 172 = 4 × 43. Q8_0 groups must divide both `dim` (64) and
+# `hidden_dim`, so the group size falls to **4**. In `idot` above, groups of 4 match neither
+# SIMD branch (multiples of 32 or 16), so every group runs the scalar loop: 4 multiply-adds,
+# then a conversion and two multiplies by the scales, and the activations are quantized in
+# groups of 4 as well. fp32 meanwhile does 8 multiply-adds per instruction on 4 rows, and the
+# whole fp32 model (1 MB) sits in the caches. In the quiet run: fp32 10,033 tok/s, int8
+# 1,087 tok/s, 9.2× slower. To see that the group size is the culprit, we
+# give the same model `hidden_dim` 192 (= 3 × 64), which allows groups of 64, and time both.
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+# (timings)
+def random_model(a: ModelArgs, path: Path) -> Path:
+    """A model with random weights, written with write_model from NumPy arrays (no torch)."""
+    g = np.random.default_rng(0)
+    w = {"tok_embeddings": g.standard_normal((a.vocab_size, a.dim)) * 0.02,
+         "norm": np.ones(a.dim)}
+    for l in range(a.n_layers):
+        for name, shape in layer_shapes(a).items():
+            w[f"layers.{l}.{name}"] = (np.ones(shape) if name.endswith("norm")
+                                       else g.standard_normal(shape) * 0.02)
+    return write_model((a, w, True), path, version=2)
+
+
+base = PRESETS["stories260K"]
+for hidden in (172, 192):
+    a = ModelArgs(**{**base.to_dict(), "hidden_dim": hidden})
+    f = random_model(a, build / f"h{hidden}.bin")
+    engine = CLlama.load(f, threads=1)
+    tok_s = max(gen_speed(engine) for _ in range(3))
+    print(f"hidden_dim {hidden}: group size {choose_group_size(a):2}, int8 {tok_s:7.0f} tok/s at "
+          f"1 thread (fp32 with hidden_dim 172: {speed['stories260K', 'fp32', 1]:.0f} tok/s)")
+
+# %% [markdown]
+# ### Why 2 threads can be slower than 1 on a tiny model
+#
+# Starting a parallel region wakes the other thread and, at its end, waits for it. That
+# fork-join costs microseconds, while a stories260K matrix (64 × 64 = 4,096 multiply-adds) is
+# a fraction of a microsecond of SIMD work: split in two, each half saves less than the
+# meeting costs, and if the other core is busy with something else, the region waits for it.
+# Here is a naive matmul with an OpenMP loop, timed at 1 and 2 threads on a tiny and on a large
+# matrix, beside the cost of an empty parallel region:
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+# (timings)
+omp_c, omp_l = fast_c.openmp_flags(cc)
+if not omp_c:
+    print("this compiler has no OpenMP: nothing to measure")
+else:
+    (build / "omp.c").write_text(r"""
+    #include <omp.h>
+    void matmul_omp(float *xout, const float *x, const float *w, int n, int d, int threads) {
+        #pragma omp parallel for num_threads(threads)
+        for (int i = 0; i < d; i++) {
+            float val = 0.0f;
+            for (int j = 0; j < n; j++) val += w[i * n + j] * x[j];
+            xout[i] = val;
+        }
+    }
+    double fork_join_us(int threads, int reps) {
+        double t0 = omp_get_wtime();
+        for (int r = 0; r < reps; r++) {
+            #pragma omp parallel num_threads(threads)
+            { __asm__ volatile("" ::: "memory"); }
+        }
+        return (omp_get_wtime() - t0) / reps * 1e6;
+    }
+    """)
+    subprocess.run([cc, "-O3", "-march=native", "-shared", "-fPIC", *omp_c,
+                    str(build / "omp.c"), "-o", str(build / "omp.so"), *omp_l], check=True)
+    omp = ctypes.CDLL(str(build / "omp.so"))
+    omp.matmul_omp.argtypes = [f32p, f32p, f32p, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+    omp.fork_join_us.argtypes, omp.fork_join_us.restype = [ctypes.c_int, ctypes.c_int], \
+        ctypes.c_double
+    print(f"an empty parallel region: {min(omp.fork_join_us(2, 500) for _ in range(3)):.2f} µs "
+          f"at 2 threads")
+
+    def omp_matmul_us(d: int, n: int, threads: int, reps: int) -> float:
+        W = rng.standard_normal((d, n), dtype=np.float32)
+        x, out = rng.standard_normal(n, dtype=np.float32), np.zeros(d, dtype=np.float32)
+        run = lambda: [omp.matmul_omp(out, x, W, n, d, threads) for _ in range(reps)]  # noqa: E731
+        return best_seconds(run, 3) / reps * 1e6
+
+    for d_, n_, reps in ((64, 64, 300), (2048, 768, 5)):
+        us = {th: omp_matmul_us(d_, n_, th, reps) for th in (1, 2)}
+        print(f"{d_:4} x {n_:3} matmul: 1 thread {us[1]:8.2f} µs, 2 threads {us[2]:8.2f} µs")
+
+# %% [markdown]
+# So the library forks only when a batch of matmuls has at least 65,536 multiply-adds
+# (`BL_PARALLEL_MIN` in `kernels.c`): stories260K's fp32 matmuls all run on one thread, and a
+# second thread can only help (or cost) where the work is large enough — its int8 matmuls,
+# whose per-group overhead counts as work, and the larger models.
+#
+# `bench/bench_engines.py` times every engine side by side — C at 1 and 2 threads, NumPy and
+# PyTorch, prompt processing and generation separately — and saves a plot; with
+# `--llama2c DIR` it also runs llama2.c's own `run`/`runq` on the same files.
+
+# %% [markdown]
+# ## Exercises
+#
+# Solutions are in `tests/test_exercises.py`, where they are checked.
+#
+# 1. **Four rows at a time, in plain C.** Write `matmul4(xout, x, w, n, d)` that computes four
+#    rows per pass over `x` without intrinsics (four scalar accumulators), with a loop for the
+#    last `d % 4` rows. Compile it as in §6.1 and check it against NumPy for every `d` from 1
+#    to 9. (Then look at what `-O3 -march=native` makes of it: `cc -S`.)
+# 2. **runq.c's activation quantization.** `bl_quantize(q, s, x, n, gs)` is exported by the
+#    library. Give it `argtypes` and check it against `inference_numpy.quantize_rows` bit for
+#    bit, including an all-zero group and a value exactly halfway between two steps.
+# 3. **Threads do not change the answer.** Show that `CLlama` with 1 and with 2 threads gives
+#    bit-identical logits. Why is that so here, when a parallel sum usually changes the
+#    rounding? (Hint: who computes each output row, and in what order?)
