@@ -57,6 +57,9 @@ def test_rows_mask_everything_but_the_answer(tok):
     a = D.get_request_batch((x, y), 8, SEQ, seed=3, step=7)
     b = D.get_request_batch((x, y), 8, SEQ, seed=3, step=7)
     assert all(np.array_equal(p, q) for p, q in zip(a, b))
+    pick = [np.flatnonzero((x == row).all(1))[0] for row in
+            np.pad(a[0], ((0, 0), (0, SEQ - a[0].shape[1])))]   # which rows, by content
+    assert (y[pick, a[1].shape[1]:] == D.IGNORE).all() and (a[1][:, -1] != D.IGNORE).any()
     with pytest.raises(ValueError, match="seq_len 32"):
         D.request_rows(tok, 4, 32)
 
@@ -74,6 +77,8 @@ def test_masked_loss_is_the_answer_tokens_only(tok):
     keep = [(b, t) for b in range(3) for t in range(SEQ) if y[b, t] >= 0]
     by_hand = -sum(logp[b, t, y[b, t]] for b, t in keep) / len(keep)
     assert abs(loss.item() - by_hand.item()) < 1e-5
+    w = int((y >= 0).any(0).nonzero().max()) + 1   # get_request_batch cuts the padding off
+    assert abs(model(x[:, :w], y[:, :w])[1].item() - loss.item()) < 1e-5
     full = F.cross_entropy(logits.view(-1, logits.size(-1)), x.roll(-1, 1).reshape(-1))
     assert abs(full.item() - loss.item()) > 1e-3   # the unmasked loss is a different number
 
@@ -91,6 +96,7 @@ def test_finetune_resumes_exactly(base, data_dir, tmp_path):
     w0 = torch.load(base, weights_only=True)["model"]
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert not torch.equal(wa["tok_embeddings.weight"], w0["tok_embeddings.weight"])
+    assert main(["train", "--resume", "--out", str(tmp_path / "b")]) == 1   # says: finetune
 
 
 def test_finetune_rejects_another_vocabulary(base, data_dir, tmp_path):

@@ -310,9 +310,12 @@ def request_rows(tok, n: int, seq_len: int, seed: int = 0,
 
 def get_request_batch(rows: tuple[np.ndarray, np.ndarray], batch_size: int, seq_len: int,
                       seed: int, step: int) -> tuple[np.ndarray, np.ndarray]:
-    """get_batch for request rows: random rows, a pure function of (seed, step)."""
+    """get_batch for request rows: random rows, a pure function of (seed, step), cut after the
+    last position any of them trains on (the rest is padding: causal attention never lets it
+    change an earlier position, so this only saves time)."""
     x, y = rows
     if x.shape[1] != seq_len:
         raise ValueError(f"request rows have {x.shape[1]} positions, expected seq_len {seq_len}")
     pick = np.random.default_rng([seed, step]).integers(0, len(x), batch_size)
-    return x[pick], y[pick]
+    width = int(np.flatnonzero((y[pick] != IGNORE).any(0)).max()) + 1
+    return x[pick, :width], y[pick, :width]

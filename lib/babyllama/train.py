@@ -207,7 +207,8 @@ def _train(cfg, resume, rank, world, master, out, ckpt_path) -> Path:
         if saved != cfg.model_args():
             raise TrainingError(f"{ckpt_path} was trained with a different model config:\n"
                                 f"  checkpoint: {saved}\n  requested:  {cfg.model_args()}")
-        keep = {k: v for k, v in state["config"].items() if k not in RUN_FIELDS}
+        names = {f.name for f in dataclasses.fields(cfg)}
+        keep = {k: v for k, v in state["config"].items() if k not in RUN_FIELDS and k in names}
         cfg = dataclasses.replace(cfg, **keep)
     args = cfg.model_args()
     if cfg.batch_size % world:
@@ -379,6 +380,10 @@ class FinetuneConfig(TrainConfig):
 def _request_data(cfg, args: ModelArgs):
     from babyllama.tokenizer import Tokenizer
 
+    if not isinstance(cfg, FinetuneConfig):
+        raise TrainingError(f"{cfg.out_dir} is a fine-tuning run (data 'requests'): continue it "
+                            f"with `babyllama finetune --resume --out {cfg.out_dir}`")
+
     tok = Tokenizer.from_bin(cfg.tokenizer)
     if tok.vocab_size != args.vocab_size:
         raise TrainingError(f"the model ({cfg.init_from or cfg.out_dir}) has a vocabulary of "
@@ -389,9 +394,11 @@ def _request_data(cfg, args: ModelArgs):
             request_rows(tok, n_val, args.max_seq_len, REQUEST_SEEDS["val"]))
 
 
-def finetune(init_from: str | Path, out_dir: str | Path, tokenizer: str | Path,
-             resume: bool = False, **overrides) -> Path:
-    """Instruction-tune the checkpoint `init_from` into out_dir/ckpt.pt (resumes like train)."""
+def finetune(init_from: str | Path | None, out_dir: str | Path,
+             tokenizer: str | Path = FinetuneConfig.tokenizer, resume: bool = False,
+             **overrides) -> Path:
+    """Instruction-tune the checkpoint `init_from` into out_dir/ckpt.pt. With `resume`, continue
+    out_dir's run with its own settings (only RUN_FIELDS such as max_iters may change)."""
     out_dir = Path(out_dir)
     if resume:
         state = torch.load(out_dir / "ckpt.pt", map_location="cpu", weights_only=True) \
@@ -400,6 +407,8 @@ def finetune(init_from: str | Path, out_dir: str | Path, tokenizer: str | Path,
         saved = {k: v for k, v in state["config"].items() if k in names}
         run = {k: v for k, v in overrides.items() if k in RUN_FIELDS}
         return train(FinetuneConfig(**{**saved, **run, "out_dir": str(out_dir)}), resume=True)
+    if init_from is None:
+        raise TrainingError("finetune needs a checkpoint to start from (--from CKPT)")
     init_from = Path(init_from)
     if init_from.is_dir():
         init_from = init_from / "ckpt.pt"
