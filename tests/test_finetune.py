@@ -111,6 +111,9 @@ def test_finetune_rejects_another_vocabulary(base, data_dir, tmp_path):
                  str(tmp_path / "tok400.bin")]) == 1
     with pytest.raises(TrainingError, match="no checkpoint"):
         finetune(tmp_path / "missing.pt", tmp_path / "ft", tokenizer=data_dir / "tok512.bin")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(TrainingError, match="junk.pt: cannot load"):
+        finetune(tmp_path / "junk.pt", tmp_path / "ft", tokenizer=data_dir / "tok512.bin")
 
 
 def test_cli_finetune_export_and_eval_requests(base, data_dir, tmp_path, capsys, tok):

@@ -383,7 +383,6 @@ def _request_data(cfg, args: ModelArgs):
     if not isinstance(cfg, FinetuneConfig):
         raise TrainingError(f"{cfg.out_dir} is a fine-tuning run (data 'requests'): continue it "
                             f"with `babyllama finetune --resume --out {cfg.out_dir}`")
-
     tok = Tokenizer.from_bin(cfg.tokenizer)
     if tok.vocab_size != args.vocab_size:
         raise TrainingError(f"the model ({cfg.init_from or cfg.out_dir}) has a vocabulary of "
@@ -414,7 +413,10 @@ def finetune(init_from: str | Path | None, out_dir: str | Path,
         init_from = init_from / "ckpt.pt"
     if not init_from.exists():
         raise TrainingError(f"--from: no checkpoint at {init_from}")
-    init = torch.load(init_from, map_location="cpu", weights_only=True)
+    try:
+        init = torch.load(init_from, map_location="cpu", weights_only=True)
+    except Exception as e:   # pickle errors come in many types: say which file and why
+        raise TrainingError(f"{init_from}: cannot load as a weights-only checkpoint: {e}") from e
     if not isinstance(init, dict) or "config" not in init or "model_args" not in init:
         raise TrainingError(f"{init_from}: not a babyllama training checkpoint")
     pre = init["config"]
