@@ -16,7 +16,17 @@ import numpy as np
 import pytest
 
 from babyllama import data as D
-from babyllama.stories import generate_stories, iter_stories, read_jsonl, split, write_jsonl
+from babyllama.stories import (
+    REQUEST_TEMPLATES,
+    generate_requests,
+    generate_stories,
+    honours,
+    is_held_out,
+    iter_stories,
+    read_jsonl,
+    split,
+    write_jsonl,
+)
 
 
 def test_same_seed_same_bytes(tmp_path):
@@ -31,8 +41,9 @@ def test_50k_distinct_stories_fast_and_varied():
     stories = generate_stories(50_000, seed=0)
     assert time.perf_counter() - t0 < 30
     assert len(set(stories)) == 50_000
-    words = {w for s in stories for w in re.findall(r"[a-z'-]+", s.lower())}
-    assert len(words) >= 1500
+    # words are runs of letters: "yo-yo" is one word ("yo"), "can't" two ("can", "t")
+    words = {w for s in stories for w in re.findall(r"[a-z]+", s.lower())}
+    assert len(words) >= 1500, len(words)
     lengths = [len(s.split()) for s in stories]
     assert 60 <= min(lengths) and max(lengths) <= 250
     assert sum('"' in s for s in stories) == len(stories)   # every story has dialogue
@@ -55,6 +66,34 @@ def test_pronouns_agree_with_names():
                 checked += 1
                 assert pron <= (female if named[0].female else male), (sent, named[0])
     assert checked > 500
+
+
+def test_requests_are_honoured_and_held_out_by_construction():
+    pairs = generate_requests(3000, seed=0)
+    assert pairs == generate_requests(3000, seed=0)   # deterministic
+    held = generate_requests(300, seed=0, held_out=True)
+    train_combos = {(r.name, r.animal, r.obj) for r, _ in pairs}
+    held_combos = {(r.name, r.animal, r.obj) for r, _ in held}
+    assert not train_combos & held_combos
+    assert all(is_held_out(*c) for c in held_combos) and not any(is_held_out(*c)
+                                                                for c in train_combos)
+    assert {r.text.split()[0] for r, _ in pairs} == {t.split()[0] for t in REQUEST_TEMPLATES}
+    for r, story in pairs + held:
+        # every detail of the request is in the request and in the story, checked by plain
+        # substring search (independent of `honours`' regular expressions)
+        for detail in (r.name, r.animal, r.obj, r.adjective, r.obj_adj):
+            assert f" {detail}" in f" {r.text}", (detail, r.text)
+        assert f" {r.adjective} {r.animal}" in f" {story}" and f" {r.obj_adj} {r.obj}" in story
+        assert f"named {r.name}" in story or f"called {r.name}" in story or \
+            f"name was {r.name}" in story or story.startswith(f"{r.name} was ")
+        assert 40 <= len(story.split()) <= 110
+        assert honours(r, story) == {"name": True, "animal": True, "object": True}
+        he, she = {"he", "him", "his"}, {"she", "her"}
+        first = re.findall(r"[a-z]+", story.split(". ")[0].lower())
+        assert not set(first) & (he if r.female else she), story
+    r = held[0][0]
+    assert honours(r, f"{r.name} the {r.animal}s lost a thing") == {
+        "name": True, "animal": False, "object": False}
 
 
 def test_splits_disjoint():

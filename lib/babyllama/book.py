@@ -16,6 +16,11 @@ from pathlib import Path
 VOCAB = 512
 BOOK_ITERS = 210           # under 3 minutes on 2 cores
 BOOK_SEED = 0
+FINETUNE_ITERS = 100       # instruction tuning: about 2 minutes on 2 cores
+# three requests whose (name, animal, object) never occur in the fine-tuning data
+BOOK_REQUESTS = ["Tell me a story about a shy fox named Max who finds a red lantern.",
+                 "Write a story about Lily, a curious owl who finds a blue teapot.",
+                 "Can you tell me a story about a brave penguin called Ben? He finds a tiny map."]
 
 
 @dataclass(frozen=True)
@@ -56,6 +61,18 @@ class Paths:
 
     def model_bin(self, version: int) -> Path:
         return self.out / f"book_v{version}.bin"
+
+    @property
+    def ft_dir(self) -> Path:
+        return self.out / "finetune"
+
+    @property
+    def ft_ckpt(self) -> Path:
+        return self.ft_dir / "ckpt.pt"
+
+    @property
+    def chat_bin(self) -> Path:
+        return self.out / "book_chat.bin"
 
 
 def ensure_tokenizer(p: Paths) -> Path:
@@ -115,3 +132,17 @@ def ensure_exports(p: Paths) -> dict[int, Path]:
         for v in missing:
             write_model(model, p.model_bin(v), version=v)
     return {v: p.model_bin(v) for v in (0, 1, 2)}
+
+
+def ensure_finetuned(p: Paths, progress: bool = True, max_iters: int = FINETUNE_ITERS) -> Path:
+    """Chapter 03's instruction-tuned model (from the book model), exported as llama2.c v0."""
+    from babyllama.export import write_model
+    from babyllama.model import Transformer
+    from babyllama.train import finetune
+
+    ckpt = ensure_model(p, progress)
+    if not p.ft_ckpt.exists() or p.ft_ckpt.stat().st_mtime < ckpt.stat().st_mtime:
+        finetune(ckpt, p.ft_dir, p.tok_bin, max_iters=max_iters, progress=progress)
+    if not p.chat_bin.exists() or p.chat_bin.stat().st_mtime < p.ft_ckpt.stat().st_mtime:
+        write_model(Transformer.from_pretrained(p.ft_ckpt), p.chat_bin, version=0)
+    return p.chat_bin

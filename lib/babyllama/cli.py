@@ -9,6 +9,8 @@
     babyllama export     out/book/ckpt.pt out/model.gguf --tokenizer out/tok512.model --dtype q8_0
     babyllama generate   out/model.bin -z out/tok512.bin -i "Once upon" --engine c
     babyllama chat       out/model.bin -z out/tok512.bin -y "You tell stories." --engine numpy
+    babyllama finetune   --from out/book/ckpt.pt --out out/finetune -z out/tok512.bin
+    babyllama eval-requests out/finetune.bin -z out/tok512.bin --n 50
     babyllama book       # the whole pipeline on the built-in corpus (the main job)
 """
 
@@ -223,24 +225,54 @@ def cmd_chat(a) -> None:
         user = _read_line("User: ")
 
 
+def cmd_finetune(a) -> None:
+    from babyllama.train import RUN_FIELDS, finetune
+
+    run = {k: getattr(a, k) for k in ("max_iters", *RUN_FIELDS) if getattr(a, k, None) is not None}
+    hyper = {k: getattr(a, k) for k in ("learning_rate", "batch_size", "requests", "seed")
+             if getattr(a, k) is not None}
+    if a.resume and hyper:
+        raise ValueError("a resumed fine-tuning run keeps its checkpoint's settings; drop "
+                         + ", ".join("--" + k.replace("_", "-") for k in hyper))
+    if not a.resume and not a.init_from:
+        raise ValueError("finetune needs --from CKPT (or --resume)")
+    print(f"fine-tuned: {finetune(a.init_from, a.out_dir, a.tokenizer, a.resume, **run, **hyper)}")
+
+
+def cmd_eval_requests(a) -> None:
+    from babyllama.instruct import evaluate_requests
+    from babyllama.tokenizer import Tokenizer
+
+    engine = load_engine(a.model, a.engine, a.threads)
+    tok = Tokenizer.from_bin(a.tokenizer)
+    if tok.vocab_size != engine.args.vocab_size:
+        raise ValueError(f"{a.model} has a vocabulary of {engine.args.vocab_size} tokens but the "
+                         f"tokenizer {a.tokenizer} has {tok.vocab_size}")
+    t0 = time.perf_counter()
+    score = evaluate_requests(engine, tok, a.n, a.seed, a.temperature, a.topp)
+    for req, text in score.samples[:a.show]:
+        print(f"> {req.text}\n{text}\n")
+    print(f"held-out requests: {score}  [{time.perf_counter() - t0:.1f}s]")
+
+
 def cmd_book(a) -> None:
     """The main job: corpus -> tokenizer -> shards -> training -> export -> NumPy and C."""
     from babyllama import book
     from babyllama.tokenizer import Tokenizer
 
     p = book.Paths.find()
-    print("1/5 corpus and tokenizer: the built-in stories, a 512-piece BPE vocabulary")
+    print("1/6 corpus and tokenizer: the built-in stories, a 512-piece BPE vocabulary")
     book.ensure_tokenizer(p)
-    print("2/5 pretokenize into uint16 shards")
+    print("2/6 pretokenize into uint16 shards")
     book.ensure_shards(p)
-    print(f"3/5 train the 'book' preset ({book.BOOK_ITERS} iterations)")
+    print(f"3/6 train the 'book' preset ({book.BOOK_ITERS} iterations)")
     if not a.reuse and p.ckpt.exists():
         p.ckpt.unlink()
     book.ensure_model(p)
-    print("4/5 export to llama2.c's formats")
+    print("4/6 export to llama2.c's formats")
     for v, path in book.ensure_exports(p).items():
         print(f"    v{v}: {path} ({path.stat().st_size:,} bytes)")
-    print("5/5 generate")
+    print("5/6 generate")
     tok = Tokenizer.from_bin(p.tok_bin)
     prompt = tok.encode("Once upon a time", bos=True)
     for name in ("numpy", "c"):
@@ -250,6 +282,24 @@ def cmd_book(a) -> None:
         dt = time.perf_counter() - t0
         print(f"--- {name} engine ({len(ids) / dt:,.0f} tok/s) ---")
         print(tok.decode(prompt + ids))
+    book_chat(p, tok)
+
+
+def book_chat(p, tok) -> None:
+    """The book's last step: instruction tuning, then three requests answered in chat mode."""
+    from babyllama import book
+    from babyllama.instruct import answer, evaluate_requests
+
+    print(f"6/6 instruction tuning ({book.FINETUNE_ITERS} iterations on generated requests), "
+          f"then chat")
+    before = evaluate_requests(load_engine(str(p.model_bin(0)), "c"), tok, 50)
+    engine = load_engine(str(book.ensure_finetuned(p)), "c")
+    after = evaluate_requests(engine, tok, 50)
+    print(f"    held-out requests honoured: before {before.fraction:.0%}, after "
+          f"{after.fraction:.0%} ({after})")
+    for request in book.BOOK_REQUESTS:
+        print(f"\n> {request}")
+        print(answer(engine, tok, request, temperature=0.8, seed=42))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -341,6 +391,31 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--engine", choices=["c", "numpy", "torch"], default="c")
     s.add_argument("--threads", type=_positive, default=None)
     s.set_defaults(fn=cmd_chat)
+    s = sub.add_parser("finetune", help="instruction-tune a checkpoint on generated requests")
+    s.add_argument("--from", dest="init_from", default=None, help="the pretrained ckpt.pt")
+    s.add_argument("--out", dest="out_dir", default="out/finetune")
+    s.add_argument("-z", "--tokenizer", dest="tokenizer", default="out/tok512.bin")
+    s.add_argument("--resume", action="store_true")
+    s.add_argument("--max-iters", dest="max_iters", type=_positive, default=None)
+    s.add_argument("--learning-rate", dest="learning_rate", type=float, default=None)
+    s.add_argument("--batch-size", dest="batch_size", type=_positive, default=None)
+    s.add_argument("--requests", type=_positive, default=None, help="training pairs")
+    s.add_argument("--seed", type=int, default=None)
+    s.add_argument("--threads", type=_positive, default=None)
+    s.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
+    s.set_defaults(fn=cmd_finetune)
+
+    s = sub.add_parser("eval-requests", help="how often answers honour held-out requests")
+    s.add_argument("model")
+    s.add_argument("-z", dest="tokenizer", required=True)
+    s.add_argument("--n", type=_positive, default=50)
+    s.add_argument("-t", dest="temperature", type=float, default=0.0)
+    s.add_argument("-p", dest="topp", type=float, default=0.9)
+    s.add_argument("-s", dest="seed", type=int, default=0)
+    s.add_argument("--show", type=int, default=3, help="print this many answers")
+    s.add_argument("--engine", choices=["c", "numpy"], default="c")
+    s.add_argument("--threads", type=_positive, default=None)
+    s.set_defaults(fn=cmd_eval_requests)
 
     s = sub.add_parser("book", help="the main job: the whole book on the built-in corpus, "
                                     "into out/ beside pyproject.toml")

@@ -266,3 +266,56 @@ def iter_batches(bin_dir: str | Path, split: str, batch_size: int, seq_len: int,
     while True:
         yield get_batch(shards, batch_size, seq_len, seed, step)
         step += 1
+
+
+# ----------------------------------------------------------------------------------------------
+# instruction tuning: "[INST] request [/INST] story</s>" rows, the loss on the story only
+
+IGNORE = -1              # Transformer.forward's ignore_index: no loss at these targets
+REQUEST_SEEDS = {"train": 0, "val": 1}   # both from the training side of the held-out split
+
+
+def encode_request(tok, request: str, story: str) -> tuple[list[int], int]:
+    """(ids, n_prompt): BOS + the chat turn exactly as chat mode encodes it, then the story and
+    EOS; the first n_prompt ids are the prompt."""
+    from babyllama.chat import encode_turn
+
+    prompt = encode_turn(tok, request)
+    return prompt + tok.encode(story, bos=False, eos=True), len(prompt)
+
+
+def request_rows(tok, n: int, seq_len: int, seed: int = 0,
+                 held_out: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """x, y (n, seq_len) int64: y is x shifted by one, IGNORE on the prompt and the padding.
+
+    A pair longer than seq_len + 1 tokens is skipped (deterministically), never truncated: the
+    model must see every answer end with EOS."""
+    x = np.zeros((n, seq_len), dtype=np.int64)
+    y = np.full((n, seq_len), IGNORE, dtype=np.int64)
+    row = 0
+    for tried, (req, story) in enumerate(_stories.iter_requests(seed, held_out)):
+        if row == n:
+            break
+        if tried >= 4 * n + 100:
+            raise ValueError(f"request stories do not fit in seq_len {seq_len}: only {row} of "
+                             f"{tried} (request, story) pairs are at most {seq_len + 1} tokens")
+        ids, n_prompt = encode_request(tok, req.text, story)
+        if len(ids) > seq_len + 1:
+            continue
+        x[row, :len(ids) - 1] = ids[:-1]
+        y[row, n_prompt - 1:len(ids) - 1] = ids[n_prompt:]   # targets: story tokens and EOS
+        row += 1
+    return x, y
+
+
+def get_request_batch(rows: tuple[np.ndarray, np.ndarray], batch_size: int, seq_len: int,
+                      seed: int, step: int) -> tuple[np.ndarray, np.ndarray]:
+    """get_batch for request rows: random rows, a pure function of (seed, step), cut after the
+    last position any of them trains on (the rest is padding: causal attention never lets it
+    change an earlier position, so this only saves time)."""
+    x, y = rows
+    if x.shape[1] != seq_len:
+        raise ValueError(f"request rows have {x.shape[1]} positions, expected seq_len {seq_len}")
+    pick = np.random.default_rng([seed, step]).integers(0, len(x), batch_size)
+    width = int(np.flatnonzero((y[pick] != IGNORE).any(0)).max()) + 1
+    return x[pick, :width], y[pick, :width]

@@ -10,12 +10,17 @@ byte for byte.
     stories = generate_stories(1000, seed=0)          # list[str], no duplicates
 
     babyllama corpus --n 1000 --seed 0 --out out/stories.jsonl
+
+    from babyllama.stories import generate_requests
+    (req, story), = generate_requests(1, seed=0)      # req.text: "Tell me a story about ..."
 """
 
 from __future__ import annotations
 
 import json
 import random
+import re
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,13 +33,19 @@ Dan Liam Ethan Alex Henry Louis Felix Jasper Arthur Oliver Charlie Toby Harry Ol
 Peter Paul Simon Mark Kevin Bobby Danny Eddie Freddie Georgie Johnny Joey Kyle Lenny
 Mike Ned Ricky Sid Teddy Vince Walter Billy Andy Benny Aaron Brian Carl Dexter Edgar
 Frank Gus Ivan Jonah Kai Leon Marco Nathan Otis Percy Quentin Rex Stan Tony Victor
-Wesley Xavier Yuri Zane Bruno Cyrus Dean Elliot Gabe Hank""".split()
+Wesley Xavier Yuri Zane Bruno Cyrus Dean Elliot Gabe Hank
+Abel Boris Caleb Dylan Emil Fabian Gideon Harvey Isaac Jesse Kenny Lucas Morris Nico Omar
+Pablo Reggie Silas Tobias Ulysses Vernon Wyatt Archie Basil Clement Damon Ezra Ferdinand
+Gilbert Horace""".split()
 GIRLS = """Lily Sue Mia Anna Emma Lucy Sara Zoe Amy Ella Rose Ruby Grace Chloe Daisy Ivy Molly
 Nora Holly Jane Kate Lena Maya Nina Olive Polly Rosie Tess Wendy Clara Bella Hannah
 Alice Julia Sophie Sally Jenny Penny Megan Fiona Gina Heidi Iris Janet Kitty Laura
 Mandy Nell Pam Rita Tina Vera Willa Betty Cathy Dora Elsie Flora Abby Bridget Carmen
 Delia Edith Freya Greta Hazel Ingrid Josie Kara Luna Mabel Nadia Opal Pearl Quinn Rhea
-Stella Tilly Uma Violet Winnie Yara Zelda Ada Bea Cora Dina Eva""".split()
+Stella Tilly Uma Violet Winnie Yara Zelda Ada Bea Cora Dina Eva
+Agnes Beatrix Celia Daphne Esme Fern Gemma Harriet Imogen Juniper Keira Lottie Marigold
+Nellie Ophelia Petra Rosalind Sadie Thea Una Viola Wren Annie Blossom Cleo Dottie Elodie
+Florence Gwen Hattie""".split()
 
 # (animal, is it small enough to hold)
 ANIMALS = """cat dog bunny bird duck frog fox bear mouse owl pig cow horse lamb goat puppy kitten
@@ -44,7 +55,10 @@ snail ladybug butterfly bee ant beaver otter wolf mole badger robin sparrow parr
 swan goose llama camel kangaroo dragon unicorn flamingo peacock pelican walrus
 octopus jellyfish starfish seahorse chipmunk gerbil hamster lizard toad caterpillar
 moth firefly grasshopper porcupine skunk moose bat beetle cricket dove eagle falcon
-gorilla hummingbird iguana jaguar koi lobster meerkat newt ostrich""".split()
+gorilla hummingbird iguana jaguar koi lobster meerkat newt ostrich
+alpaca armadillo bison buffalo cheetah chimpanzee crane crocodile ferret heron hyena lemur
+lynx manatee mongoose narwhal orangutan panther platypus puffin quail reindeer rhino
+salamander sloth stork tapir toucan vulture weasel wombat yak""".split()
 PEOPLE = """girl boy kid child farmer baker painter sailor builder teacher doctor princess prince
 king queen knight pirate fairy wizard giant clown chef""".split()
 GIRL_ONLY = {"girl", "princess", "queen", "fairy"}
@@ -56,11 +70,15 @@ lucky polite helpful honest fast slow strong young old fluffy cozy bright wise
 eager jolly calm bold nice good tidy messy soft warm cold dizzy fearless generous
 graceful hopeful humble jumpy merry nosy patient picky plucky rosy shiny snuggly
 speedy spunky thoughtful tiny wobbly zany chubby fuzzy giggly hungry naughty noisy
-peaceful""".split()
+peaceful
+adventurous bashful chatty daring dreamy fussy gallant loyal mischievous nimble puzzled
+quirky restless sensible sprightly stubborn timid trusty witty zealous cuddly dainty feisty
+jovial""".split()
 OBJ_ADJ = """red blue green yellow purple pink orange white black brown golden silver shiny
 sparkly round soft fuzzy smooth bumpy striped spotted tiny huge heavy light old new
 pretty special magic wooden plastic glass paper velvet woolly crooked enormous
-glittery dusty muddy squeaky bouncy twinkly""".split()
+glittery dusty muddy squeaky bouncy twinkly
+glossy fluorescent tattered knitted lacy painted carved polished speckled""".split()
 OBJECTS = """ball kite hat balloon book box toy car doll drum bell ring key cup spoon shell stone
 feather flower leaf rock stick boat train truck crayon pencil brush bucket basket
 blanket pillow sock shoe boot scarf mitten button coin jar bottle lamp map whistle
@@ -71,18 +89,25 @@ acorn pinecone pebble seashell rocket spaceship airplane helicopter tractor bull
 scooter skateboard paintbrush notebook envelope postcard photograph mirror clock
 watch candle cushion quilt sweater jacket raincoat slipper hammer bottlecap magnet
 binoculars hourglass kaleidoscope accordion xylophone banjo trophy medal globe
-snowglobe teapot saucer ladle thimble yarn spool pinata""".split()
+snowglobe teapot saucer ladle thimble yarn spool pinata
+harp kettle lunchbox parasol sieve tiara trowel whisk abacus bugle cymbal flashlight goblet
+hairbrush keychain marionette megaphone ocarina periscope pitchfork ukulele windchime
+trinket satchel dreidel""".split()
 FOODS = """apple banana cookie cake pie bread cheese carrot grape pear plum cherry berry sandwich
 muffin cupcake pancake soup honey candy lollipop orange peach melon strawberry pizza
 cracker pretzel popcorn noodle egg waffle biscuit dumpling taco burrito omelet yogurt
 watermelon pineapple coconut mango kiwi lemon lime raisin walnut peanut almond oatmeal
 porridge jelly donut bagel tomato cucumber potato corn broccoli spinach pudding custard
-gingerbread marshmallow toffee fudge scone brownie""".split()
+gingerbread marshmallow toffee fudge scone brownie
+apricot avocado cabbage caramel crumpet eclair fig lasagna meatball nectarine nougat papaya
+parsnip quesadilla radish rhubarb sherbet smoothie tangerine turnip zucchini cantaloupe
+blueberry""".split()
 PLACES = """park forest garden beach farm lake river meadow hill town village pond field
 playground school library zoo market castle jungle cave island mountain valley orchard
 barn kitchen backyard street bakery museum circus harbor lighthouse desert swamp
 greenhouse attic treehouse igloo tent cottage palace windmill carnival aquarium stable
-pumpkin-patch""".split()
+pumpkin-patch
+bayou canyon glacier marsh prairie quarry reef savanna vineyard""".split()
 PLACE_ADJ = """quiet sunny green busy small big old cozy peaceful windy shady snowy sleepy
 bustling colorful faraway magical misty""".split()
 SPOTS = """tree bush rock fence bench log flowerbed wall gate stump hedge shed bridge tower
@@ -146,7 +171,12 @@ with drums and trumpets.|Cherry blossoms fell like pink snow.|The carnival light
 twinkled and the music played.|Cows mooed in the barn and the chickens
 clucked.|Sunflowers turned their faces to the sun.|The fog was thick and gray.|Wild
 strawberries hid under the leaves.|The ice on the pond creaked and groaned.|Hot cocoa
-steamed in big mugs.""".replace("\n", " ").split("|")
+steamed in big mugs.|Lightning flickered behind the distant
+mountains.|Goldfinches nibbled thistle seeds by the gate.|Pinecones crunched underfoot on the
+trail.|The orchard smelled of ripe plums and apricots.|A lighthouse beam swept across the
+choppy sea.|Violets and buttercups dotted the hillside.|Woodsmoke drifted over the frosty
+village.|A hummingbird hovered beside the honeysuckle.|Tadpoles wriggled in the shallow
+puddle.|Snowflakes twirled past the lamplight.""".replace("\n", " ").split("|")
 DREAMS = """fly like a bird|sail across the ocean|visit the moon|become a famous singer|build a
 giant castle|find a hidden treasure|ride a real dragon|swim with the dolphins|grow the
 biggest pumpkin|climb the highest mountain|paint a beautiful mural|explore a deep
@@ -184,7 +214,7 @@ def _character(rng: random.Random, avoid: set[str]) -> Character:
 
 
 def _an(word: str) -> str:
-    vowel = word[0] in "aeiou" and not word.startswith(("uni", "use"))
+    vowel = word[0] in "aeiou" and not word.startswith(("uni", "use", "uku"))
     vowel = vowel or word.startswith(("honest", "hour"))
     return ("an " if vowel else "a ") + word
 
@@ -321,12 +351,32 @@ ENDINGS = [
     "And they lived happily ever after.",
     "{A} never forgot that {time}.",
 ]
+# requested stories are short (a request and its story fit in the book model's 256 tokens):
+# the hero finds the object, then one of these, each of which brings in the friend
+SHORT_PLOTS = [
+    ["{A} showed the {obj} to {B}, {adj_b} {BK}.", "\"It is so {oadj}!\" said {B}.",
+     "They played with the {obj} until the sun went down."],
+    ["{A} did not know whose {obj} it was, so {AP} asked around the {place}.",
+     "At last {B}, {adj_b} {BK}, said, \"That is mine!\"",
+     "{B} was so {good} that {BP} let {A} keep it."],
+    ["Then the {obj} fell into the {pond}, and {A} felt {bad}.",
+     "{B}, {adj_b} {BK}, pulled it out {adv}.", "\"Thank you!\" said {A}."],
+    ["{A} took the {obj} to the {place} to {act}.",
+     "There {AP} met {B}, {adj_b} {BK}, and they shared the {obj}."],
+    ["{A} gave the {obj} to {B}, {adj_b} {BK} who looked {bad}.",
+     "{B} smiled, and {A} felt {good} inside."],
+    ["The wind blew the {obj} into a {spot}, and {A} could not reach it.",
+     "{B}, {adj_b} {BK}, climbed up and got it back.", "\"You are a good friend,\" said {A}."],
+]
 MORAL_LINES = ["{A} learned that {moral}.", "The moral of the story is: {moral}.",
                "And so {A} knew that {moral}."]
 
 
-def _story(rng: random.Random) -> tuple[str, Character, Character]:
-    a = _character(rng, set())
+def _story(rng: random.Random, req: Request | None = None) -> tuple[str, Character, Character]:
+    """One story. With a request, its hero, adjective and object are the requested ones and the
+    story is short (SHORT_PLOTS) so that request and story fit in the book model's context;
+    without one, the rng is drawn exactly as it always was (the corpus stays the same)."""
+    a = _character(rng, set()) if req is None else Character(req.name, req.animal, req.female)
     b = _character(rng, {a.name})
     obj, obj2 = rng.sample(OBJECTS, 2)
     spot, spot2 = rng.sample(SPOTS, 2)
@@ -346,6 +396,15 @@ def _story(rng: random.Random) -> tuple[str, Character, Character]:
         "scene": rng.choice(SCENES), "dream": rng.choice(DREAMS),
         "feature": rng.choice(FEATURES), "pond": rng.choice(["pond", "lake", "river", "creek"]),
     }
+    if req is not None:   # every detail of the request, and nothing that contradicts it
+        fields.update(adj_a=_an(req.adjective), oadj_a=_an(req.obj_adj), obj=req.obj,
+                      oadj=req.obj_adj)
+        if obj2 == req.obj:
+            fields["obj2"] = obj
+    if req is not None:
+        lines = [rng.choice(INTROS), rng.choice(FINDS), *rng.choice(SHORT_PLOTS),
+                 rng.choice(ENDINGS)]
+        return " ".join(line.format(**fields) for line in lines), a, b
     setup, ask, helps, end = rng.choice(PROBLEMS)
     lines = [rng.choice(INTROS)]
     lines += rng.sample(SETTINGS, rng.randint(1, 3))
@@ -389,6 +448,81 @@ def generate_stories(n: int, seed: int = 0) -> list[str]:
         if len(out) == n:
             return out
     raise AssertionError("unreachable")
+
+
+# ----------------------------------------------------------------------------------------------
+# requests: "Tell me a story about a shy fox named Max who finds a red kite.", each paired with a
+# story that honours every detail of it (chapter 03's instruction tuning). One (name, animal,
+# object) combination in HELD_OUT_EVERY is never used for training: evaluation asks for those.
+
+REQUEST_TEMPLATES = [
+    "Tell me a story about {adj_a} {animal} named {name} who finds {oadj_a} {obj}.",
+    "Write a story about {name}, {adj_a} {animal} who finds {oadj_a} {obj}.",
+    "Can you tell me a story about {adj_a} {animal} called {name}? {Pc} finds {oadj_a} {obj}.",
+    "Please write a short story about {adj_a} {animal} named {name} and {oadj_a} {obj}.",
+    "I would like a story about {name} the {adj} {animal}, who finds {oadj_a} {obj}.",
+]
+HELD_OUT_EVERY = 8
+REQUEST_ANIMALS = [a for a in ANIMALS if a not in OBJECTS]    # "bear" is also a (teddy) object
+REQUEST_OBJECTS = [o for o in OBJECTS if o not in ANIMALS]
+
+
+@dataclass(frozen=True)
+class Request:
+    name: str
+    female: bool
+    adjective: str
+    animal: str
+    obj_adj: str
+    obj: str
+    text: str          # what the user types
+
+
+def is_held_out(name: str, animal: str, obj: str) -> bool:
+    """Whether a combination is reserved for evaluation (a fixed hash, the same on every run)."""
+    return zlib.crc32(f"{name}|{animal}|{obj}".encode()) % HELD_OUT_EVERY == 0
+
+
+def _request(rng: random.Random, held_out: bool) -> Request:
+    while True:   # rejection: about 1 draw in 8 is held out
+        female = rng.random() < 0.5
+        name = rng.choice(GIRLS if female else BOYS)
+        animal, obj = rng.choice(REQUEST_ANIMALS), rng.choice(REQUEST_OBJECTS)
+        if is_held_out(name, animal, obj) == held_out:
+            break
+    adj, oadj = rng.choice(ADJECTIVES), rng.choice(OBJ_ADJ)
+    text = rng.choice(REQUEST_TEMPLATES).format(
+        name=name, animal=animal, obj=obj, adj=adj, adj_a=_an(adj), oadj_a=_an(oadj),
+        Pc="She" if female else "He")
+    return Request(name, female, adj, animal, oadj, obj, text)
+
+
+def iter_requests(seed: int = 0, held_out: bool = False) -> Iterator[tuple[Request, str]]:
+    """Endless (request, story) pairs, deterministic in `seed`; `held_out` picks which side of
+    the split the (name, animal, object) combinations come from."""
+    index = 0
+    while True:
+        rng = random.Random(f"request:{seed}:{int(held_out)}:{index}")   # not the story stream
+        req = _request(rng, held_out)
+        yield req, _story(rng, req)[0]
+        index += 1
+
+
+def generate_requests(n: int, seed: int = 0, held_out: bool = False
+                      ) -> list[tuple[Request, str]]:
+    """`n` (request, story) pairs, a pure function of (n, seed, held_out)."""
+    if n <= 0:
+        raise ValueError(f"number of requests must be positive, got {n}")
+    return [pair for pair, _ in zip(iter_requests(seed, held_out), range(n))]
+
+
+def honours(req: Request, text: str) -> dict[str, bool]:
+    """Which of the request's character, animal and object a text names (whole words)."""
+    def has(word: str, flags: int = 0) -> bool:
+        return re.search(rf"\b{re.escape(word)}\b", text, flags) is not None
+
+    return {"name": has(req.name), "animal": has(req.animal, re.IGNORECASE),
+            "object": has(req.obj, re.IGNORECASE)}
 
 
 def split(stories: list[str], val_fraction: float = 0.05) -> tuple[list[str], list[str]]:

@@ -5,6 +5,7 @@
 
     babyllama train --preset book --out out/book [--resume] [--max-iters N] ...
     torchrun --standalone --nproc_per_node 2 -m babyllama train --preset book --out out/ddp
+    babyllama finetune --from out/book/ckpt.pt --out out/finetune -z out/tok512.bin   # requests
 
 Batches are a pure function of (seed, iteration) (see data.get_batch), so a checkpoint that
 stores the model, the optimizer, the RNG states and the iteration resumes exactly where it
@@ -28,7 +29,15 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from babyllama.data import DATA_DIR, get_batch, load_shards, shard_dir
+from babyllama.data import (
+    DATA_DIR,
+    REQUEST_SEEDS,
+    get_batch,
+    get_request_batch,
+    load_shards,
+    request_rows,
+    shard_dir,
+)
 from babyllama.model import PRESETS, ModelArgs, Transformer
 
 
@@ -198,7 +207,8 @@ def _train(cfg, resume, rank, world, master, out, ckpt_path) -> Path:
         if saved != cfg.model_args():
             raise TrainingError(f"{ckpt_path} was trained with a different model config:\n"
                                 f"  checkpoint: {saved}\n  requested:  {cfg.model_args()}")
-        keep = {k: v for k, v in state["config"].items() if k not in RUN_FIELDS}
+        names = {f.name for f in dataclasses.fields(cfg)}
+        keep = {k: v for k, v in state["config"].items() if k not in RUN_FIELDS and k in names}
         cfg = dataclasses.replace(cfg, **keep)
     args = cfg.model_args()
     if cfg.batch_size % world:
@@ -210,13 +220,20 @@ def _train(cfg, resume, rank, world, master, out, ckpt_path) -> Path:
     except (RuntimeError, AssertionError, NotImplementedError) as e:   # bad name, no CUDA...
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise TrainingError(f"device {cfg.device!r} is not usable here: {first}") from None
-    bins = shard_dir(cfg.data, args.vocab_size, cfg.data_dir)
-    train_shards, val_shards = load_shards(bins, "train"), load_shards(bins, "val")
+    if cfg.data == "requests":   # instruction tuning: see finetune below
+        train_shards, val_shards = _request_data(cfg, args)
+        fetch = get_request_batch
+    else:
+        bins = shard_dir(cfg.data, args.vocab_size, cfg.data_dir)
+        train_shards, val_shards = load_shards(bins, "train"), load_shards(bins, "val")
+        fetch = get_batch
 
     torch.manual_seed(cfg.seed)
     model = Transformer(args).to(cfg.device)
     optimizer = make_optimizer(model, cfg)
     it0, best_val, history = 0, float("inf"), []
+    if state is None and getattr(cfg, "init_from", None):   # fine-tuning starts from these
+        model.load_state_dict(Transformer.from_pretrained(cfg.init_from).state_dict())
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -241,7 +258,7 @@ def _train(cfg, resume, rank, world, master, out, ckpt_path) -> Path:
     rows = slice(rank * cfg.batch_size // world, (rank + 1) * cfg.batch_size // world)
 
     def batch(shards, seed, step):
-        x, y = get_batch(shards, cfg.batch_size, args.max_seq_len, seed, step)
+        x, y = fetch(shards, cfg.batch_size, args.max_seq_len, seed, step)
         return (torch.from_numpy(x[rows]).to(cfg.device), torch.from_numpy(y[rows]).to(cfg.device))
 
     @torch.no_grad()
@@ -339,6 +356,78 @@ def _train(cfg, resume, rank, world, master, out, ckpt_path) -> Path:
     if master:
         plot_losses(out / "log.jsonl", out / "loss.png")
     return ckpt_path
+
+
+# ----------------------------------------------------------------------------------------------
+# instruction tuning: the same loop, on "[INST] request [/INST] story</s>" rows whose targets
+# are -1 (Transformer.forward's ignore_index) everywhere but on the story and its EOS
+
+@dataclass
+class FinetuneConfig(TrainConfig):
+    init_from: str = ""                 # the pretrained checkpoint (ours: ckpt.pt)
+    tokenizer: str = "out/tok512.bin"   # the one the model was trained with
+    requests: int = 4000                # (request, story) pairs to train on
+    data: str = "requests"
+    out_dir: str = "out/finetune"
+    max_iters: int = 120
+    eval_interval: int = 40
+    eval_iters: int = 4
+    learning_rate: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_iters: int = 10
+
+
+def _request_data(cfg, args: ModelArgs):
+    from babyllama.tokenizer import Tokenizer
+
+    if not isinstance(cfg, FinetuneConfig):
+        raise TrainingError(f"{cfg.out_dir} is a fine-tuning run (data 'requests'): continue it "
+                            f"with `babyllama finetune --resume --out {cfg.out_dir}`")
+    tok = Tokenizer.from_bin(cfg.tokenizer)
+    if tok.vocab_size != args.vocab_size:
+        raise TrainingError(f"the model ({cfg.init_from or cfg.out_dir}) has a vocabulary of "
+                            f"{args.vocab_size} tokens but the tokenizer {cfg.tokenizer} has "
+                            f"{tok.vocab_size}")
+    n_val = max(cfg.batch_size, 64)
+    return (request_rows(tok, cfg.requests, args.max_seq_len, REQUEST_SEEDS["train"]),
+            request_rows(tok, n_val, args.max_seq_len, REQUEST_SEEDS["val"]))
+
+
+def finetune(init_from: str | Path | None, out_dir: str | Path,
+             tokenizer: str | Path = FinetuneConfig.tokenizer, resume: bool = False,
+             **overrides) -> Path:
+    """Instruction-tune the checkpoint `init_from` into out_dir/ckpt.pt. With `resume`, continue
+    out_dir's run with its own settings (only RUN_FIELDS such as max_iters may change)."""
+    out_dir = Path(out_dir)
+    if resume:
+        state = torch.load(out_dir / "ckpt.pt", map_location="cpu", weights_only=True) \
+            if (out_dir / "ckpt.pt").exists() else {"config": {}}
+        names = {f.name for f in dataclasses.fields(FinetuneConfig)}
+        saved = {k: v for k, v in state["config"].items() if k in names}
+        run = {k: v for k, v in overrides.items() if k in RUN_FIELDS}
+        return train(FinetuneConfig(**{**saved, **run, "out_dir": str(out_dir)}), resume=True)
+    if init_from is None:
+        raise TrainingError("finetune needs a checkpoint to start from (--from CKPT)")
+    init_from = Path(init_from)
+    if init_from.is_dir():
+        init_from = init_from / "ckpt.pt"
+    if not init_from.exists():
+        raise TrainingError(f"--from: no checkpoint at {init_from}")
+    try:
+        init = torch.load(init_from, map_location="cpu", weights_only=True)
+    except Exception as e:   # pickle errors come in many types: say which file and why
+        raise TrainingError(f"{init_from}: cannot load as a weights-only checkpoint: {e}") from e
+    if not isinstance(init, dict) or "config" not in init or "model_args" not in init:
+        raise TrainingError(f"{init_from}: not a babyllama training checkpoint")
+    pre = init["config"]
+    cfg = FinetuneConfig(**{"preset": pre["preset"], "vocab_size": init["model_args"][
+        "vocab_size"], "max_seq_len": init["model_args"]["max_seq_len"], **overrides,
+        "init_from": str(init_from), "out_dir": str(out_dir), "tokenizer": str(tokenizer)})
+    saved = ModelArgs.from_dict(init["model_args"])
+    if saved != dataclasses.replace(cfg.model_args(), dropout=saved.dropout):
+        raise TrainingError(f"{init_from}: its model is not the '{cfg.preset}' preset with "
+                            f"vocab_size {saved.vocab_size} and max_seq_len {saved.max_seq_len}")
+    return train(cfg)
 
 
 def _mean_across(value: float, world: int) -> float:

@@ -1,0 +1,77 @@
+"""Asking a model for stories: answer one request, and measure how often answers honour them.
+
+    from babyllama.instruct import answer, evaluate_requests
+    text = answer(engine, tok, "Tell me a story about a shy fox named Max who finds a red kite.")
+    score = evaluate_requests(engine, tok, n=50)     # score.fraction: name, animal and object
+
+    babyllama eval-requests out/finetune.bin -z out/tok512.bin --n 50
+
+The requests evaluated are held out by construction (stories.is_held_out): their (name, animal,
+object) combinations never occur in fine-tuning data. Works with any engine that has the shared
+`generate` interface (NumPy, C, or TorchEngine over a PyTorch model); torch is imported only
+by TorchEngine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from babyllama.chat import encode_turn
+from babyllama.stories import Request, generate_requests, honours
+
+EVAL_SEED = 0
+
+
+class TorchEngine:
+    """The engines' `generate` interface over a PyTorch Transformer (chapter 03 has no other
+    engine yet); same steps policy: positions counted with the prompt, clamped to the context."""
+
+    def __init__(self, model):
+        self.model, self.args = model.eval(), model.params
+
+    def generate(self, prompt_ids: list[int], steps: int, temperature: float = 1.0,
+                 topp: float = 0.9, seed: int | None = None):
+        import torch
+
+        new = max(0, min(steps, self.args.max_seq_len) - len(prompt_ids) + 1)
+        with torch.no_grad():
+            yield from self.model.generate(prompt_ids, new, temperature, top_p=topp, seed=seed)
+
+
+def answer(engine, tok, request: str, temperature: float = 0.0, topp: float = 0.9,
+           seed: int = 42, steps: int | None = None) -> str:
+    """The model's reply to one chat turn: the turn's ids as chat mode feeds them, then
+    generation until EOS (or the end of the context)."""
+    prompt = encode_turn(tok, request)
+    ids = list(engine.generate(prompt, steps or engine.args.max_seq_len, temperature, topp, seed))
+    return tok.decode(ids).strip()
+
+
+@dataclass
+class RequestScore:
+    n: int
+    honoured: int                     # answers naming the character, the animal and the object
+    parts: dict[str, int]             # how many name each of them
+    samples: list[tuple[Request, str]] = field(default_factory=list)
+
+    @property
+    def fraction(self) -> float:
+        return self.honoured / self.n
+
+    def __str__(self) -> str:
+        parts = ", ".join(f"{k} {v / self.n:.0%}" for k, v in self.parts.items())
+        return f"{self.honoured}/{self.n} = {self.fraction:.0%} honoured ({parts})"
+
+
+def evaluate_requests(engine, tok, n: int = 50, seed: int = EVAL_SEED, temperature: float = 0.0,
+                      topp: float = 0.9) -> RequestScore:
+    """Answer `n` held-out requests and count those whose answer names all three details."""
+    score = RequestScore(n, 0, {"name": 0, "animal": 0, "object": 0})
+    for i, (req, _) in enumerate(generate_requests(n, seed, held_out=True)):
+        text = answer(engine, tok, req.text, temperature, topp, seed=seed + i + 1)
+        got = honours(req, text)
+        score.honoured += all(got.values())
+        for k, v in got.items():
+            score.parts[k] += v
+        score.samples.append((req, text))
+    return score
