@@ -163,14 +163,13 @@ def print_table(rows: list[dict]) -> None:
 def plot(rows: list[dict], out: Path, vs_llama2c: list[dict] | None = None) -> Path:
     """Generated tokens/s per engine, one panel per shape; with `vs_llama2c`, a last panel of
     our CLI's speed over llama2.c's (median pair ratio; right of the line = we are faster)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+    from matplotlib.figure import Figure  # not pyplot: leave the caller's backend alone
 
     shapes = sorted({r["shape"] for r in rows}, key=[r["shape"] for r in rows].index)
     panels = len(shapes) + (1 if vs_llama2c else 0)
-    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 3.6), squeeze=False)
+    fig = Figure(figsize=(5 * panels, 3.6))
+    axes = fig.subplots(1, panels, squeeze=False)
     for ax, shape in zip(axes[0], shapes):
         sub = [r for r in rows if r["shape"] == shape]
         labels = [f"{r['engine']}\n{r['format']}" for r in sub]
@@ -192,7 +191,6 @@ def plot(rows: list[dict], out: Path, vs_llama2c: list[dict] | None = None) -> P
         ax.tick_params(axis="y", labelsize=7)
     fig.tight_layout()
     fig.savefig(out, dpi=100)
-    plt.close(fig)
     return out
 
 

@@ -30,9 +30,18 @@
 #    SentencePiece's ids.
 #
 # The finished code lives in `babyllama.tokenizer`; chapters 5 and 6 use it.
+#
+# **The data.** llama2.c trains on TinyStories: two million short stories written by GPT-3.5
+# and GPT-4, a 1.5 GB download. This book must run offline in a few minutes, so it uses a
+# built-in corpus instead, *generated from templates* by `babyllama.stories`: each story draws
+# a cast from lists of names and animals, a place and an object, then strings together an
+# opening, a find, a meeting, one of a dozen problems with its fixed resolution, and sometimes
+# a moral — each a sentence frame with blanks. The stories are grammatical and consistent, but
+# narrow. What that means for every number in this book is measured below.
 
 # %%
 import collections
+import re
 import struct
 
 import matplotlib.pyplot as plt
@@ -47,6 +56,23 @@ paths = book.Paths.find()
 train_docs, val_docs = D.load_corpus("stories", paths.data)
 print(f"{len(train_docs)} training stories, {len(val_docs)} validation stories")
 print(train_docs[0][:300], "...")
+
+# %%
+words = collections.Counter(w for s in train_docs for w in re.findall(r"[a-z']+", s.lower()))
+sentences = collections.Counter(t for s in train_docs for t in re.split(r"(?<=[.!?])\s+", s))
+repeated = sum(n for n in sentences.values() if n > 1) / sum(sentences.values())
+print(f"{sum(words.values()):,} words, but only {len(words):,} different ones")
+print(f"{sum(sentences.values()):,} sentences; {repeated:.0%} of them occur more than once, "
+      f"word for word")
+print("most common:", sentences.most_common(3))
+
+# %% [markdown]
+# A closed list of about 1,500 words, and most sentences repeated verbatim somewhere else: a
+# model learns this corpus far faster, and to a far lower loss, than it would learn
+# TinyStories (TinyStories has tens of thousands of distinct words, and its sentences rarely
+# repeat). So the losses in chapter 3 say how well the model learned *these* stories; they are
+# not comparable with llama2.c's published numbers. Everything in the book also runs on the
+# real data: `--data tinystories` on the command line (chapter 3 gives the commands).
 
 # %% [markdown]
 # ## 1.1 BPE by hand
@@ -112,8 +138,28 @@ print("first merges:", pieces[259:279])
 print("last pieces:", pieces[-10:])
 
 # %% [markdown]
-# The first 259 ids are the 3 special tokens and the 256 byte pieces; everything after is
-# learned. How much text does one token carry? A bigger vocabulary packs more bytes into each
+# The first 259 ids are the 3 special tokens and the 256 byte pieces (byte fallback). Then
+# come the merges, in the order they were learned (best score first). And the tail is single
+# characters: SentencePiece gives every character of the training text a piece of its own —
+# the merges are built from them, and the encoder starts from them — and it files them *after*
+# all merges, most frequent first, with the lowest scores. Those scores never matter: the
+# encoder only compares the scores of merged pairs.
+
+# %%
+singles = [i for i in range(259, sp.vocab_size()) if len(pieces[i]) == 1]
+merges = sp.vocab_size() - 259 - len(singles)
+print(f"3 special + 256 bytes + {merges} merges + {len(singles)} characters = {sp.vocab_size()}")
+print(f"single characters are ids {singles[0]}..{singles[-1]}: the last {len(singles)} pieces "
+      f"(contiguous: {singles == list(range(singles[0], sp.vocab_size()))})")
+chars = collections.Counter("".join(train_docs).replace(" ", "▁"))
+freq = [chars[pieces[i]] for i in singles]
+print("how often each occurs in the training stories:", freq[:4], "...", freq[-4:])
+out_of_order = sum(a < b for a, b in zip(freq, freq[1:]))
+print(f"neighbours out of frequency order: {out_of_order} of {len(freq) - 1} (bound 0)")
+assert singles == list(range(singles[0], sp.vocab_size())) and out_of_order == 0
+
+# %% [markdown]
+# So only 192 of our 512 ids are learned merges. How much text does one token carry? A bigger vocabulary packs more bytes into each
 # token (shorter sequences, a bigger embedding table). We train a few sizes on a sample:
 
 # %%
@@ -127,6 +173,8 @@ for v in sizes:
     bytes_per_token.append(sum(len(s.encode()) for s in val_docs[:500]) / n_tokens)
 for v, b in zip(sizes, bytes_per_token):
     print(f"vocab {v:5d}: {b:.2f} bytes per token")
+print("each size carries more bytes per token than the one before:",
+      " < ".join(f"{b:.2f}" for b in bytes_per_token))
 assert all(a < b for a, b in zip(bytes_per_token, bytes_per_token[1:]))
 
 fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.2))
@@ -139,7 +187,8 @@ lengths = [len(p.replace("▁", " ").encode()) for p in pieces[259:]]
 ax2.hist(lengths, bins=range(1, max(lengths) + 2), align="left", rwidth=0.8)
 ax2.set_xlabel("piece length (bytes)")
 ax2.set_ylabel("pieces")
-ax2.set_title("our 512-piece vocabulary")
+ax2.set_title(f"length of the {len(lengths)} non-byte pieces\n"
+              f"({merges} merges + {len(singles)} single characters)")
 fig.tight_layout()
 plt.show()
 
@@ -165,6 +214,17 @@ for i, (score, b) in enumerate(records):
 print(f"{len(raw):,} bytes for {sp.vocab_size()} tokens")
 pieces_bin, scores_bin, _ = read_tokenizer_bin(paths.tok_bin)
 assert [b for _, b in records] == pieces_bin[:5]
+print("the library's read_tokenizer_bin gives the same first 5 records; the file holds",
+      len(pieces_bin), "tokens")
+
+# %% [markdown]
+# Token 1 (`<s>`, BOS) is stored as `b'\n<s>\n'` and token 2 (`</s>`, EOS) as `b'\n</s>\n'`,
+# not as the piece names. llama2.c's exporter does this, and we copy it byte for byte: if a
+# decoder ever prints these tokens, the boundary between two stories shows on a line of its
+# own. They never come up when *encoding* — the encoder looks up only the characters of the
+# text and the merges of normal pieces, and these strings are neither — and run.c stops
+# generating when the model emits BOS, so in practice they are not printed either. Their score
+# (0.0) does not matter for the same reason.
 
 # %% [markdown]
 # ## 1.4 Our own encoder
@@ -199,6 +259,7 @@ text = "Once upon a time, Lily found a shiny ball. 🦙"
 ids = encode_naive(text, pieces_bin, scores_bin)
 print(ids)
 print([pieces_bin[i] for i in ids])
+print("same ids as SentencePiece:", ids == sp.encode(text))
 assert ids == sp.encode(text)
 
 # %% [markdown]
@@ -238,3 +299,20 @@ bins = book.ensure_shards(paths, progress=False)
 shard = np.memmap(sorted(bins.glob("train_*.bin"))[0], dtype=np.uint16, mode="r")
 print(shard[:24].tolist())
 print(repr(tok.decode(shard[:24].tolist())))
+print(f"{sum(len(np.memmap(f, dtype=np.uint16, mode='r')) for f in bins.glob('*.bin')):,} "
+      f"tokens in {len(list(bins.glob('*.bin')))} shards")
+
+# %% [markdown]
+# ## Exercises
+#
+# 1. **Merges by hand.** Run `bpe_train_toy` on the sentence `"the cat sat on the mat"`.
+#    Which pair merges first, although "the" is the only repeated word? How many merges does
+#    it take to make `▁the` a single symbol?
+# 2. **Byte fallback.** Encode `"über"` with our 512-piece tokenizer. Which ids are byte pieces,
+#    and which bytes are they? Why does `ü` take two?
+# 3. **Cost of the vocabulary.** Our 512 pieces average about 2 bytes per token on the
+#    validation stories. How many tokens does the whole validation set take with 512 pieces,
+#    and with the 2048-piece sweep vocabulary? What does each extra piece cost the model
+#    (chapter 2: one row of the embedding matrix)?
+#
+# Solutions: `tests/test_exercises.py`.

@@ -449,27 +449,33 @@ def read_log(path: str | Path) -> list[dict]:
 
 
 def plot_losses(log_path: str | Path, out_png: str | Path) -> Path:
-    """The loss curve (training every log step, train/val at each evaluation)."""
-    import matplotlib
+    """The loss curve (training every log step, train/val at each evaluation), saved as a PNG.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Drawn on a bare `Figure`, not through pyplot: a library must not switch the caller's
+    matplotlib backend (a notebook would stop showing its figures inline)."""
+    from matplotlib.figure import Figure
 
     recs = read_log(log_path)
     steps = [(r["iter"], r["loss"]) for r in recs if "loss" in r]
     evals = [(r["iter"], r["train_loss"], r["val_loss"]) for r in recs if "val_loss" in r]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig = Figure(figsize=(6, 3.5))
+    ax = fig.subplots()
     if steps:
-        ax.plot(*zip(*steps, strict=True), lw=1, alpha=0.6, label="train (batch)")
+        ax.plot(*zip(*steps, strict=True), lw=1, alpha=0.6, label="train (one batch)")
     if evals:
         its, tr, va = zip(*evals, strict=True)
-        ax.plot(its, tr, "o-", label="train (eval)")
+        ax.plot(its, tr, "o-", label="train (eval batches)")
         ax.plot(its, va, "s-", label="validation")
     ax.set_xlabel("iteration")
-    ax.set_ylabel("cross-entropy loss")
+    ax.set_ylabel("cross-entropy loss (nats/token)")
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out_png, dpi=100)
-    plt.close(fig)
-    return Path(out_png)
+    out_png = Path(out_png)
+    tmp = out_png.with_name(out_png.name + ".tmp")
+    try:
+        fig.savefig(tmp, dpi=100, format="png")
+        os.replace(tmp, out_png)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out_png
