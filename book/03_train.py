@@ -389,6 +389,93 @@ for name, path in (("after 20 iterations", early), (f"after {cfg.max_iters} iter
 # a float16 run resumes exactly too.
 
 # %% [markdown]
+# ## 3.7 Instruction tuning: a model that follows requests
+#
+# The book model continues stories; nobody has asked it for one yet. To make it answer a
+# request, we keep training it on requests and their answers. The story generator writes
+# those too: a request such as "Tell me a story about a shy fox named Max who finds a red
+# lantern." and a short story that honours every detail of it (the name, the trait, the
+# animal, the object and its colour).
+#
+# Each pair becomes one training row: BOS, the request rendered with Llama 2's chat template
+# exactly as chat mode will render it (`[INST] … [/INST]`, `babyllama.chat.encode_turn`,
+# chapter 05), then the story and EOS. So the model is trained on exactly the ids it will be
+# prompted with, and it learns to stop: EOS ends its turn.
+#
+# The loss is *masked*: only the answer is trained. The targets of every request token (and
+# of the padding after EOS) are set to -1, and the cross-entropy in `Transformer.forward`
+# ignores them (`ignore_index=-1`). The model is never taught to predict the user's words,
+# only to answer them.
+
+# %%
+from babyllama import data as D
+from babyllama.chat import encode_turn
+from babyllama.instruct import TorchEngine, answer, evaluate_requests
+from babyllama.stories import generate_requests, is_held_out
+
+(req, story), = generate_requests(1, seed=0)
+x, y = D.request_rows(tok, 1, args.max_seq_len, seed=0)
+n_prompt = len(encode_turn(tok, req.text))
+print(req.text)
+print(f"prompt: {n_prompt} ids, answer: {(y[0] >= 0).sum()} ids, "
+      f"padding: {args.max_seq_len - n_prompt - (y[0] >= 0).sum() + 1} positions")
+
+
+def piece(i: int) -> str:   # a byte piece <0x5D> shown as its character "]"
+    raw = tok.pieces[int(i)]
+    return chr(int(raw[3:5], 16)) if raw.startswith(b"<0x") else raw.decode("utf-8", "replace")
+
+
+for t in range(n_prompt - 4, n_prompt + 3):   # around the end of the prompt
+    target = "(ignored)" if y[0, t] < 0 else repr(piece(y[0, t]))
+    print(f"position {t:3d}: input {piece(x[0, t])!r:12} -> target {target}")
+
+# %% [markdown]
+# The masked loss is the mean cross-entropy over the answer positions only. We check the
+# model's number against one computed by hand:
+
+# %%
+base = Transformer.from_pretrained(ckpt).eval()
+xb, yb = (torch.from_numpy(a) for a in D.request_rows(tok, 8, args.max_seq_len, seed=1))
+with torch.no_grad():
+    logits, loss = base(xb, yb)
+keep = yb >= 0
+by_hand = -torch.log_softmax(logits[keep], -1).gather(1, yb[keep][:, None]).mean()
+print(f"masked loss of the book model on requests: {loss.item():.3f} "
+      f"(by hand: {by_hand.item():.3f}, over {keep.sum().item()} of {keep.numel()} positions)")
+assert abs(loss.item() - by_hand.item()) < 1e-4
+
+# %% [markdown]
+# Fine-tuning is the training loop of this chapter, unchanged, started from the book model's
+# weights, with a smaller learning rate and the request rows as data:
+# `babyllama finetune --from out/book/ckpt.pt --out out/finetune` (`train.finetune`). It
+# checkpoints and resumes exactly like `train`, and the result exports like any model.
+#
+# To measure whether the model follows requests rather than recalls them, one (name, animal,
+# object) combination in 8 is *held out* by construction (`stories.is_held_out`, a fixed hash):
+# fine-tuning never sees those combinations, and the evaluation asks only for them. An answer
+# counts when it names the requested character, animal and object.
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+ft_bin = book.ensure_finetuned(paths, progress=False)   # reused when `babyllama book` made it
+ft_log = read_log(paths.ft_dir / "log.jsonl")
+print([(r["iter"], round(r["val_loss"], 3)) for r in ft_log if "val_loss" in r])
+tuned = Transformer.from_pretrained(paths.ft_ckpt).eval()
+request = book.BOOK_REQUESTS[0]
+assert is_held_out("Max", "fox", "lantern")
+print(f"> {request}")
+for name, m in (("before", base), ("after", tuned)):
+    print(f"--- {name} fine-tuning ---\n{answer(TorchEngine(m), tok, request)}\n")
+
+# %%
+scores = {name: evaluate_requests(TorchEngine(m), tok, n=50)
+          for name, m in (("before", base), ("after", tuned))}
+for name, s in scores.items():
+    print(f"{name:6} fine-tuning: {s.fraction:.0%} of {s.n} held-out requests honoured")
+assert scores["after"].fraction >= scores["before"].fraction
+
+# %% [markdown]
 # ## Exercises
 #
 # 1. **The first step is the same size for every weight.** Show from the formulas that after

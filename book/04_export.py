@@ -403,6 +403,103 @@ plt.show()
 # `babyllama export out/book/ckpt.pt --hf out/hf` (chapter 2 showed the round trip).
 
 # %% [markdown]
+# ## 4.6 What each format can and cannot say
+#
+# A file format is a promise: whoever reads it gets the model that was written. llama2.c's files
+# keep that promise only for models that happen to match what `run.c` hard-codes. Its header has
+# seven numbers; anything else is assumed. RMSNorm's epsilon is `1e-5` in `run.c`'s source, RoPE's
+# base `10000` likewise. A model imported from Hugging Face with transformers' default
+# `rms_norm_eps = 1e-6`, or a Llama 3 with `rope_theta = 500000`, would load and run, and
+# quietly compute something else.
+#
+# | | llama2.c v0 | v1 | v2 | GGUF (llama.cpp) | Hugging Face dir |
+# |---|---|---|---|---|---|
+# | RMSNorm eps | assumed 1e-5 | assumed 1e-5 | assumed 1e-5 | `llama.attention.layer_norm_rms_epsilon` | `rms_norm_eps` |
+# | RoPE theta | assumed 10000 | assumed 10000 | assumed 10000 | `llama.rope.freq_base` | `rope_theta` / `rope_parameters` |
+# | GQA (n_kv_heads) | yes | yes | yes | `head_count_kv` | `num_key_value_heads` |
+# | untied classifier | sign of vocab_size | flag byte | flag byte | `output.weight` present or not | `tie_word_embeddings` |
+# | dtype | fp32 | fp32 | int8 Q8_0, groups of ≤64 | f32, f16, q8_0 (blocks of 32, fp16 scale), ... | any torch dtype |
+# | vocabulary | separate tokenizer.bin | separate | separate | inside: pieces, scores, types | tokenizer.json beside it |
+# | names | none: order only | none | none | every tensor named | every tensor named |
+#
+# So `write_model` refuses what it cannot carry, naming the field and both values. With
+# `approximate=True` it writes anyway and prints how far the file's model is from the real one,
+# measured on a probe sequence, so the choice is made knowingly.
+
+# %%
+import dataclasses
+
+from babyllama.export import approximation_error, write_gguf, write_model
+
+drifted = Transformer(dataclasses.replace(model.params, norm_eps=1e-6)).eval()
+drifted.load_state_dict(model.state_dict())
+try:
+    write_model(drifted, paths.out / "drifted.bin")
+except ValueError as e:
+    print("refused:", e)
+err = approximation_error(drifted)
+print(f"norm_eps 1e-6 read back as 1e-5: max |delta logit| {err:.1e}")
+theta = Transformer(dataclasses.replace(model.params, rope_theta=500000.0)).eval()
+theta.load_state_dict(model.state_dict())
+print(f"rope_theta 500000 read back as 10000: max |delta logit| {approximation_error(theta):.1e}")
+
+# %% [markdown]
+# How much each costs depends on the model and on the length of the text: a RoPE base changes
+# every rotation angle, more the further a token is from another. Neither is a rounding error:
+# the file would describe a different model. GGUF has a field for each, so the same model goes
+# there exactly.
+#
+# ### GGUF next to llama2.c
+#
+# llama.cpp's GGUF is self-describing: a magic `GGUF`, a version, then key–value metadata (the
+# hyperparameters *and* the tokenizer), then a table of named tensors with their type, shape and
+# offset, then the data, each tensor aligned to 32 bytes. A reader looks tensors up by name, so
+# their order does not matter, and a new field does not break old readers.
+
+# %%
+import gguf
+
+gguf_path = write_gguf(model, paths.tok_model, paths.out / "book_q8_0.gguf", dtype="q8_0")
+reader = gguf.GGUFReader(gguf_path)
+for key, field in reader.fields.items():
+    if not key.startswith("tokenizer.ggml.") or key.endswith("_id"):
+        value = field.contents()
+        print(f"{key:42} {value if not isinstance(value, float) else f'{value:g}'}")
+tokens = reader.fields["tokenizer.ggml.tokens"].contents()
+print(f"{'tokenizer.ggml.tokens':42} {len(tokens)} pieces: {tokens[:4]} ... {tokens[300:304]}")
+
+# %% [markdown]
+# The same weights in both files. llama2.c's v1 stores each kind of matrix for all layers
+# together, in a fixed order; GGUF stores each tensor under its name, layer by layer, and keeps
+# the norms in f32 while the matrices become Q8_0 blocks (32 int8 values and one fp16 scale:
+# 34 bytes for 32 weights, against v2's 64 int8 and one fp32 scale per group).
+
+# %%
+from babyllama.export import _tensor_order, gguf_name
+
+v1_order = _tensor_order(1, model.params.n_layers, model.shared_classifier)
+gguf_order = [t.name for t in reader.tensors]
+by_name = {t.name: t for t in reader.tensors}
+print(f"{'ours':24} {'v1 #':>4}   {'GGUF name':24} {'GGUF #':>6} {'type':5} shape (ne0 first)")
+for name in ("layers.0.attention_norm", "layers.1.attention_norm", "layers.0.ffn_norm", "norm",
+             "tok_embeddings", "layers.0.wq", "layers.1.wq", "layers.0.wk", "layers.0.w2"):
+    t = by_name[gguf_name(name)]
+    print(f"{name:24} {v1_order.index(name):>4}   {t.name:24} {gguf_order.index(t.name):>6} "
+          f"{t.tensor_type.name:5} {[int(d) for d in t.shape]}")
+print(f"GGUF file {gguf_path.stat().st_size:,} bytes; llama2.c v2 "
+      f"{paths.model_bin(2).stat().st_size:,} bytes")
+
+# %% [markdown]
+# Two details a converter must get right. GGUF lists a matrix's dimensions fastest-first, so
+# `wq` of shape (out, in) = (dim, dim) appears as `[in, out]`. And llama.cpp's Llama rotates
+# *adjacent* pairs for RoPE, as Meta's code, llama2.c and chapter 2 do, so `wq` and `wk` go in
+# unchanged; it is Hugging Face's checkpoints that store them permuted (rotate-half), and
+# `Transformer.from_pretrained` undoes that permutation on the way in, as llama.cpp's own
+# converter does. `tests/test_gguf.py` reads every tensor back with gguf's reader, decodes the
+# Q8_0 blocks by hand, and checks that a model loaded from a Hugging Face directory lands on the
+# bytes that converter's permutation gives.
+
+# %% [markdown]
 # ## Exercises
 #
 # Solutions are in `tests/test_exercises.py`, where they are checked.

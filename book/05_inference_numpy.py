@@ -433,6 +433,156 @@ for name, fn in (("numpy", numpy_steps), ("pytorch", torch_steps)):
     print(f"{name:8} {tokens_per_second(fn):8.0f}")
 
 # %% [markdown]
+# ## 5.5 Talking to the model: Llama 2's chat template
+#
+# llama2.c's `run.c` has a chat mode. It does not change the model; it changes what the model
+# is fed. Each user turn is wrapped in Llama 2's template — `[INST] … [/INST]`, with a
+# `<<SYS>>` block for the system prompt in the first turn only — and encoded *on its own*
+# with a BOS in front. The model then writes until it samples EOS; that EOS is fed too, and the
+# next turn starts with its own BOS. `babyllama.chat` renders turns exactly as `run.c` does
+# (the tests check the ids against sentencepiece's encoding of the same strings, with Llama 2's
+# own tokenizer), and `ChatSession` runs a conversation over any engine.
+
+# %%
+from babyllama.chat import ChatSession, encode_turn, render_turn
+from babyllama.context import Context, kept_after_shift
+from babyllama.inference_numpy import apply_rope, rope_tables
+
+print(repr(render_turn("Tell me a story about a fox.", system="You tell short stories.")))
+print(repr(render_turn("Another one, please.", system="You tell short stories.", first=False)))
+first_ids = encode_turn(tok, "Tell me a story about a fox.", system="You tell short stories.")
+print(len(first_ids), "ids, starting", first_ids[:8])
+
+# %% [markdown]
+# The session keeps one KV cache for the whole conversation: a new turn costs only its own
+# tokens (the previous reply's EOS, BOS, the rendered turn), fed in one `forward_tokens` call,
+# never a re-encoding of what came before. Our book model was trained on stories, not on
+# conversations, so it answers with a story opening whatever we ask (the last section of
+# chapter 3 fine-tunes it on requests); here we only watch the mechanics, capping the
+# conversation at 160 positions.
+
+# %%
+engine = NumpyLlama.load(files[0])
+session = ChatSession(engine, tok, system="You tell short stories.", temperature=0.8, topp=0.9,
+                      seed=42, steps=160)
+reply = session.turn("Tell me a story about a fox.")
+print("fed:", [len(ids) for ids in session.fed[:3]], "... one id at a time for the reply")
+print("reply:", tok.decode(reply)[:200])
+
+# %% [markdown]
+# ## 5.6 Past the end of the context: the shift
+#
+# The KV cache has `max_seq_len` slots (256 for the book model). `run.c` simply stops there.
+# To go on, the window has to *shift*: keep the first `n_keep` tokens (at least BOS — models
+# put a lot of attention on the first token, and losing it hurts far more than losing any other
+# token), drop the oldest half of the rest, and slide the newest half down to the positions
+# right after the kept ones. `kept_after_shift` is that rule; on a toy context of 10 it reads:
+
+# %%
+print(kept_after_shift(list(range(10)), n_keep=2, seq_len=10))
+print(kept_after_shift(list(range(100)), n_keep=1, seq_len=10), "<- a prompt longer than the "
+      "context is cut by the same rule")
+
+# %% [markdown]
+# The moved tokens now sit at new positions, so their cached keys are wrong: RoPE rotated each
+# key by the angle of its *old* position. There are two ways out. llama.cpp re-rotates the
+# cached keys by the angle of the position difference — cheap, and exact in layer 0, whose
+# keys depend on nothing but the token and its position. But from layer 1 on, a key was
+# computed from a hidden state that *attended to the dropped tokens*: re-rotation keeps that
+# memory of text the model can no longer see. The other way is to recompute the moved tokens'
+# keys and values: one prefill of about `max_seq_len/2` tokens every `max_seq_len/2` new
+# tokens, and afterwards the cache is exactly the cache of a fresh run over the kept tokens.
+# We recompute (`babyllama.context.Context`, shared by the NumPy, C and PyTorch engines, and
+# by `context.c` in the C command line). Let's measure what re-rotation would get wrong.
+
+# %%
+seq_len = engine.args.max_seq_len
+engine.reset()
+ctx = Context(engine.forward_tokens, seq_len, n_keep=1)
+stream = tok.encode("Once upon a time", bos=True)
+logits = ctx.feed(stream)
+while len(ctx) < seq_len:   # greedy until the cache is full
+    stream.append(int(np.argmax(logits)))
+    logits = ctx.feed(stream[-1:])
+before_tokens, before_k = list(ctx.tokens), engine.key_cache.copy()
+stream.append(int(np.argmax(logits)))
+logits = ctx.feed(stream[-1:])   # one token too many: the window shifts
+after_tokens = list(ctx.tokens)
+n_discard = (seq_len - 1) // 2
+print(f"before: {len(before_tokens)} tokens; after: {len(after_tokens)} "
+      f"(BOS + the newest {len(after_tokens) - 1}); shifts: {ctx.n_shifts}")
+
+# the keys re-rotated from their old positions p to p - n_discard, against the recomputed ones
+a = engine.args
+cos, sin = rope_tables(a.head_dim, n_discard + 1, a.rope_theta)
+moved_old = before_k[:, 1 + n_discard:seq_len].reshape(a.n_layers, -1, a.n_kv_heads, a.head_dim)
+rerotated = apply_rope(moved_old, cos[n_discard][None, None, :], -sin[n_discard][None, None, :])
+recomputed = engine.key_cache[:, 1:seq_len - n_discard].reshape(rerotated.shape)
+for layer in range(a.n_layers):
+    err = np.abs(rerotated[layer] - recomputed[layer]).max()
+    print(f"layer {layer}: max |re-rotated - recomputed key| = {err:.1e}")
+
+# %% [markdown]
+# Layer 0 agrees to float32 rounding; every later layer does not. Recomputing makes the
+# promise simple: after a shift the logits are those of a fresh run over the kept tokens.
+
+# %%
+fresh = NumpyLlama.load(files[0])
+ref = fresh.forward_tokens(after_tokens, 0)[-1]
+print(f"after the shift vs a fresh run: max |diff| = {np.abs(logits - ref).max():.1e}")
+
+# %% [markdown]
+# The cache before and after the shift, each slot coloured by *when* its token entered the
+# stream: BOS stays in slot 0, the oldest half of the rest is gone, the newest half has moved
+# down, and the free slots on the right take the next tokens.
+
+# %%
+before_idx = np.arange(seq_len, dtype=float)
+kept_idx = [0, *range(len(stream) - (len(after_tokens) - 1), len(stream))]
+after_idx = np.full(seq_len, np.nan)
+after_idx[:len(kept_idx)] = kept_idx
+fig, axes = plt.subplots(2, 1, figsize=(10, 3.2), sharex=True, layout="constrained")
+for ax, row, title in ((axes[0], before_idx, "before: the cache is full"),
+                       (axes[1], after_idx, f"after: BOS kept, {n_discard} oldest dropped, "
+                                            f"the rest moved down; white: free")):
+    im = ax.imshow(row[None, :], aspect="auto", cmap="viridis", vmin=0, vmax=len(stream) - 1)
+    ax.set_yticks([])
+    ax.set_title(title, fontsize=10, loc="left")
+axes[1].set_xlabel("cache slot (position)")
+fig.colorbar(im, ax=axes, label="stream index of the token", fraction=0.03)
+plt.show()
+
+# %% [markdown]
+# With the shift, `generate` runs for any number of steps; `context_shift=False` keeps
+# `run.c`'s rule of stopping at the end of the context. `generate` also stops when a story
+# ends (BOS or EOS), which our book model reaches well before 256 tokens, so to watch several
+# shifts we drive the same `Context` ourselves and let it run on through story boundaries —
+# three contexts' worth of tokens, sampled from the same seed by the NumPy and the C engine:
+
+# %%
+from babyllama.fast_c import CLlama
+from babyllama.inference_numpy import XorShiftRng
+
+
+def sample_through_shifts(engine, start: list[int], n: int, seed: int) -> tuple[list[int], int]:
+    engine.reset()
+    ctx = Context(engine.forward_tokens, engine.args.max_seq_len, n_keep=1)
+    rng, out = XorShiftRng(seed), []
+    logits = ctx.feed(start)
+    for _ in range(n):
+        out.append(engine.sample(logits, 0.8, 0.9, rng))
+        logits = ctx.feed(out[-1:])
+    return out, ctx.n_shifts
+
+
+start = tok.encode("Once upon a time", bos=True)
+ids_np, shifts_np = sample_through_shifts(engine, start, 3 * seq_len, seed=7)
+ids_c, shifts_c = sample_through_shifts(CLlama.load(files[0]), start, 3 * seq_len, seed=7)
+print(f"{len(ids_np)} tokens, {shifts_np} shifts, {ids_np.count(1)} story boundaries; "
+      f"NumPy == C: {ids_np == ids_c and shifts_np == shifts_c}")
+print(tok.decode(ids_np[-120:]))
+
+# %% [markdown]
 # ## Exercises
 #
 # Solutions are in `tests/test_exercises.py`, where they are checked.
