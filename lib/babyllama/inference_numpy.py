@@ -191,7 +191,7 @@ class NumpyLlama:
         """Logits (T, vocab) of tokens at positions pos .. pos+T-1, all at once (matrix-matrix)."""
         a, T = self.args, len(tokens)
         if T == 0:
-            raise ValueError("forward_tokens needs at least one token")
+            raise ValueError("at least one token is needed (got an empty list)")
         if pos < 0 or pos + T > a.max_seq_len:
             raise ValueError(f"positions {pos}..{pos + T - 1} are outside the context "
                              f"[0, {a.max_seq_len})")
@@ -231,6 +231,16 @@ class NumpyLlama:
         """Logits (vocab_size,) of `token` at position `pos`; fills the KV cache at `pos`."""
         return self.forward_tokens([token], pos)[0]
 
+    def prefill(self, tokens: list[int], pos: int) -> np.ndarray:
+        """Logits (vocab_size,) of the last of `tokens`, the whole prompt at once; fills the KV
+        cache at positions pos..pos+len(tokens)-1."""
+        return self.forward_tokens(tokens, pos)[-1]
+
+    def forward_sample(self, token: int, pos: int, temperature: float, topp: float,
+                       rng: XorShiftRng) -> int:
+        """The next token after `token` at `pos` (CLlama does this in one C call)."""
+        return self.sample(self.forward(token, pos), temperature, topp, rng)
+
     def generate(self, prompt_ids: list[int], steps: int, temperature: float = 1.0,
                  topp: float = 0.9, seed: int | None = None) -> Iterator[int]:
         """Tokens after the prompt, as run.c's generate loop: `steps` counts every position,
@@ -240,7 +250,7 @@ class NumpyLlama:
 
 def generate_loop(engine, prompt_ids: list[int], steps: int, temperature: float, topp: float,
                   seed: int | None) -> Iterator[int]:
-    """The loop both engines share: the prompt in one forward_tokens call, then one token at a
+    """The loop both engines share: the prompt in one prefill call, then one token at a
     time, each drawn with the engine's own sampler."""
     check_sampling(temperature, topp)
     seq_len = engine.args.max_seq_len
@@ -255,7 +265,7 @@ def generate_loop(engine, prompt_ids: list[int], steps: int, temperature: float,
     n = len(prompt_ids)
     if steps <= n - 1:
         return
-    logits = engine.forward_tokens(prompt_ids, 0)[-1]
+    logits = engine.prefill(prompt_ids, 0)
     pos = n
     while True:
         nxt = engine.sample(logits, temperature, topp, rng)
