@@ -139,14 +139,7 @@ void bl_matmuls_q80(const bl_matvec *jobs, int njobs, const bl_qtensor *x, int n
         int i;
 #pragma omp for schedule(static) nowait
         for (i = 0; i < j->d; i++) {
-            const int8_t *wq = w->q + (size_t)i * n;
-            const float *ws = w->s + (size_t)i * ngroups;
-            float val = 0.0f;
-            for (int g = 0; g < ngroups; g++) {
-                int32_t ival = idot(x->q + (size_t)g * gs, wq + (size_t)g * gs, gs);
-                val += ((float)ival * ws[g]) * x->s[g];
-            }
-            j->out[i] = val;
+            j->out[i] = qdot(x->q, x->s, w->q + (size_t)i * n, w->s + (size_t)i * ngroups, ngroups, gs);
         }
     }
 }
@@ -239,20 +232,12 @@ void bl_matmats_f32(const bl_matvec *jobs, int njobs, const float *x, int T, int
     }
 }
 
-/* Q8_0: one weight row against up to 4 tokens, group by group; each token's sum is added in
- * group order exactly as in bl_matmuls_q80 */
+/* Q8_0: one weight row against up to 4 tokens (the row's groups stay in L1 between them) */
 static void row_q80(float *out, int ldo, const bl_qtensor *x, const int8_t *wq, const float *ws,
                     int nt, int n, int gs) {
     int ngroups = n / gs;
-    float val[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    for (int g = 0; g < ngroups; g++) {
-        const int8_t *wg = wq + (size_t)g * gs;
-        for (int t = 0; t < nt; t++) {
-            int32_t ival = idot(x->q + (size_t)t * n + (size_t)g * gs, wg, gs);
-            val[t] += ((float)ival * ws[g]) * x->s[(size_t)t * ngroups + g];
-        }
-    }
-    for (int t = 0; t < nt; t++) out[(size_t)t * ldo] = val[t];
+    for (int t = 0; t < nt; t++)
+        out[(size_t)t * ldo] = qdot(x->q + (size_t)t * n, x->s + (size_t)t * ngroups, wq, ws, ngroups, gs);
 }
 
 void bl_matmats_q80(const bl_matvec *jobs, int njobs, const bl_qtensor *x, int T, int n, int gs,

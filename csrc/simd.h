@@ -174,4 +174,59 @@ static inline int32_t idot(const int8_t *a, const int8_t *b, int gs) {
     return s;
 }
 
+/* The sum over a row's groups of ((float)ival_g * ws[g]) * xs[g], added in group order, for
+ * weights w and activations x (ngroups * gs int8 each). On avx2/vnni, eight groups are summed at
+ * a time and their eight int32 totals reduced together (one transpose-and-add instead of eight
+ * horizontal sums), scaled with two vector multiplies; the eight terms are then added one by
+ * one, so the float result is the same as group by group. */
+#if defined(BL_AVX2) && (BL_SIMD_PATH == BL_PATH_avx2 || BL_SIMD_PATH == BL_PATH_vnni)
+#define BL_QDOT8 1
+/* acc + the 32 products w * x, summed in fours into acc's 8 int32 lanes (sign trick) */
+static inline __m256i dot32_i8(__m256i acc, __m256i w, __m256i x) {
+    __m256i uw = _mm256_sign_epi8(w, w), sx = _mm256_sign_epi8(x, w);
+#if BL_SIMD_PATH == BL_PATH_vnni && defined(__AVXVNNI__)
+    return _mm256_dpbusd_avx_epi32(acc, uw, sx);
+#elif BL_SIMD_PATH == BL_PATH_vnni
+    return _mm256_dpbusd_epi32(acc, uw, sx);
+#else
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(uw, sx), _mm256_set1_epi16(1)));
+#endif
+}
+
+/* lane k of the result = the sum of v[k]'s 8 lanes */
+static inline __m256i hsum8_epi32(const __m256i v[8]) {
+    __m256i a = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
+    __m256i b = _mm256_hadd_epi32(_mm256_hadd_epi32(v[4], v[5]), _mm256_hadd_epi32(v[6], v[7]));
+    return _mm256_add_epi32(_mm256_permute2x128_si256(a, b, 0x20), _mm256_permute2x128_si256(a, b, 0x31));
+}
+#endif
+
+static inline float qdot(const int8_t *x, const float *xs, const int8_t *w, const float *ws,
+                         int ngroups, int gs) {
+    float val = 0.0f;
+    int g = 0;
+#if defined(BL_QDOT8)
+    if (gs % 32 == 0) {
+        for (; g + 8 <= ngroups; g += 8) {
+            __m256i acc[8];
+            for (int k = 0; k < 8; k++) {
+                const int8_t *xg = x + (size_t)(g + k) * gs, *wg = w + (size_t)(g + k) * gs;
+                __m256i a = _mm256_setzero_si256();
+                for (int j = 0; j < gs; j += 32)
+                    a = dot32_i8(a, _mm256_loadu_si256((const __m256i *)(wg + j)),
+                                 _mm256_loadu_si256((const __m256i *)(xg + j)));
+                acc[k] = a;
+            }
+            __m256 t = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(hsum8_epi32(acc)), _mm256_loadu_ps(ws + g)),
+                                     _mm256_loadu_ps(xs + g));
+            float f[8];
+            _mm256_storeu_ps(f, t);
+            for (int k = 0; k < 8; k++) val += f[k];
+        }
+    }
+#endif
+    for (; g < ngroups; g++) val += ((float)idot(x + (size_t)g * gs, w + (size_t)g * gs, gs) * ws[g]) * xs[g];
+    return val;
+}
+
 #endif
