@@ -8,6 +8,14 @@ Models have random weights (speed does not depend on what they learned). Every e
 the same process, one after the other, on the same files, so the ratios are what counts. The
 table is printed and saved with a plot as bench/engines.png (+ bench/results.json; --out DIR).
 
+Then prefill and decode tables for the C engine at 1 and --threads threads, fp32 and int8: a
+256-token prompt (fewer when the context is shorter) batched against token by token, and the
+decode speed beside its memory bound, bytes/token / read bandwidth, the bandwidth measured in
+the same run. Pairs are interleaved (token-by-token, batched, token-by-token, ...) and the
+median ratio is reported with the spread of the pairs, so a shared machine shows its noise.
+The CPU model, its SIMD features and the library's int8 path are printed at the top. With
+llama-cpp-python importable, llama.cpp's prefill and decode on the same weights (GGUF) too.
+
 --llama2c DIR: a llama2.c checkout where `run` and `runq` were built (e.g. `make runomp` and
 `gcc -Ofast -fopenmp -march=native runq.c -o runq -lm`). Our CLI (csrc/run) and theirs then
 sample (-p 1, one seed) from the same file with the same threads and steps, interleaved, 7 times;
@@ -21,6 +29,7 @@ import argparse
 import itertools
 import json
 import os
+import platform
 import re
 import subprocess
 import sys
@@ -31,6 +40,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "out" / "bench"
+TOKENIZER_MODEL = Path("/work/shared/data/llama2_tokenizer.model")   # for llama.cpp's GGUF
 
 
 def make_files(shape: str) -> dict[int, Path]:
@@ -55,7 +65,7 @@ def time_engine(engine, prompt_len: int, gen: int) -> tuple[float, float]:
     prompt = rng.integers(3, engine.args.vocab_size, prompt_len).tolist()
     engine.reset()
     t0 = time.perf_counter()
-    engine.forward_tokens(prompt, 0)
+    (engine.prefill if hasattr(engine, "prefill") else engine.forward_tokens)(prompt, 0)
     t_prompt = time.perf_counter() - t0
     t0 = time.perf_counter()
     for i in range(gen):
@@ -106,6 +116,128 @@ def run_engines(shapes: list[str], prompt_len: int, gen: int, threads: int) -> l
                              "gen_tok_s": tg})
                 print(f"  {shape:12} {fmt:5} {name:20} prompt {pp:9.1f} tok/s  "
                       f"generate {tg:9.1f} tok/s", flush=True)
+    return rows
+
+
+def cpu_info() -> str:
+    """The CPU model, its SIMD features and our library's int8 path, for the table's header."""
+    from babyllama.fast_c import simd_path
+
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and ":" in line:
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith(("flags", "Features")) and ":" in line:
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    simd = [f for f in ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni",
+                        "amx_int8", "asimd", "asimddp", "sve") if f in flags]
+    return (f"CPU: {model}, {os.cpu_count()} logical cores; SIMD: {' '.join(simd) or '?'}; "
+            f"libbabyllama int8 path: {simd_path()}")
+
+
+def read_bandwidth(mb: int = 256, repeats: int = 5) -> float:
+    """Bytes/s of one core streaming an array far bigger than the caches (best of `repeats`)."""
+    a = np.ones(mb * (1 << 20) // 4, dtype=np.float32)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a.sum()
+        best = min(best, time.perf_counter() - t0)
+    return a.nbytes / best
+
+
+def weight_bytes(path: Path) -> int:
+    """Bytes a decode step reads: every matrix once, one embedding row (~ the file's size)."""
+    return path.stat().st_size
+
+
+def run_prefill_decode(shapes: list[str], threads: list[int], prompt_len: int, gen: int,
+                       repeats: int, bandwidth: float) -> list[dict]:
+    """Batched prefill vs token by token (interleaved pairs), and decode vs its memory bound."""
+    from babyllama.fast_c import CLlama
+
+    rows = []
+    for shape, th, (fmt, v) in itertools.product(shapes, threads, (("fp32", 0), ("int8", 2))):
+        path = make_files(shape)[v]
+        e = CLlama.load(path, threads=th)
+        T = min(prompt_len, e.args.max_seq_len - gen)
+        prompt = np.random.default_rng(0).integers(3, e.args.vocab_size, T).tolist()
+        by_token, batched, decode = [], [], []
+        for _ in range(repeats):
+            e.reset()
+            t0 = time.perf_counter()
+            for i, t in enumerate(prompt):
+                e.forward(t, i)
+            by_token.append(T / (time.perf_counter() - t0))
+            e.reset()
+            t0 = time.perf_counter()
+            e.prefill(prompt, 0)
+            batched.append(T / (time.perf_counter() - t0))
+            t0 = time.perf_counter()
+            for i in range(gen):
+                e.forward(prompt[i % T], T + i)
+            decode.append(gen / (time.perf_counter() - t0))
+        ratios = np.array(batched) / np.array(by_token)
+        bound = bandwidth / weight_bytes(path)
+        rows.append({"shape": shape, "format": fmt, "threads": th, "prompt": T,
+                     "prefill_tok_s": max(batched), "by_token_tok_s": max(by_token),
+                     "prefill_ratio": float(np.median(ratios)),
+                     "ratio_range": [float(ratios.min()), float(ratios.max())],
+                     "decode_tok_s": max(decode), "memory_bound_tok_s": bound,
+                     "mb_per_token": weight_bytes(path) / 1e6})
+        r = rows[-1]
+        print(f"  {shape:12} {fmt:5} {th} thr  prompt {T:4}: batched {r['prefill_tok_s']:8.1f}  "
+              f"token-by-token {r['by_token_tok_s']:8.1f} tok/s  median x{r['prefill_ratio']:.2f} "
+              f"[{ratios.min():.2f}-{ratios.max():.2f}]   decode {r['decode_tok_s']:8.1f} tok/s "
+              f"= {r['decode_tok_s'] / bound:.0%} of {bound:.1f} "
+              f"({r['mb_per_token']:.1f} MB/token)", flush=True)
+    return rows
+
+
+def run_llama_cpp(shapes: list[str], threads: list[int], prompt_len: int, gen: int) -> list[dict]:
+    """llama.cpp (llama-cpp-python) on GGUF files written from the same weights, when installed."""
+    try:
+        import llama_cpp
+    except ImportError:
+        print("  llama-cpp-python is not installed: skipped")
+        return []
+    try:
+        from babyllama.export import write_gguf
+    except ImportError:
+        print("  this babyllama has no GGUF writer (babyllama.export.write_gguf): skipped")
+        return []
+    import torch
+
+    from babyllama.model import PRESETS, Transformer
+
+    rows = []
+    for shape in shapes:
+        torch.manual_seed(0)
+        model = Transformer(PRESETS[shape])
+        for fmt, dtype in (("fp32", "f32"), ("int8", "q8_0")):
+            gguf = OUT / f"{shape}_{dtype}.gguf"
+            if not gguf.exists():
+                write_gguf(model, TOKENIZER_MODEL, gguf, dtype)
+            for th in threads:
+                llm = llama_cpp.Llama(str(gguf), n_ctx=PRESETS[shape].max_seq_len, n_threads=th,
+                                      n_batch=512, verbose=False)
+                T = min(prompt_len, PRESETS[shape].max_seq_len - gen)
+                prompt = np.random.default_rng(0).integers(3, PRESETS[shape].vocab_size, T)
+                llm.reset()
+                t0 = time.perf_counter()
+                llm.eval(prompt.tolist())
+                pp = T / (time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                for i in range(gen):
+                    llm.eval([int(prompt[i % T])])
+                tg = gen / (time.perf_counter() - t0)
+                rows.append({"shape": shape, "format": fmt, "threads": th, "prefill_tok_s": pp,
+                             "decode_tok_s": tg})
+                print(f"  {shape:12} {fmt:5} {th} thr  llama.cpp prefill {pp:8.1f} tok/s  "
+                      f"decode {tg:8.1f} tok/s", flush=True)
     return rows
 
 
@@ -160,6 +292,32 @@ def print_table(rows: list[dict]) -> None:
               f"{r['gen_tok_s']:10.1f}")
 
 
+def plot_prefill(rows: list[dict], out: Path) -> Path:
+    """Prefill (batched) and token-by-token prompt speed, and decode against its memory bound."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 0.4 * len(rows) + 1.5))
+    labels = [f"{r['shape']} {r['format']} {r['threads']}t" for r in rows]
+    y = np.arange(len(rows))
+    a.barh(y + 0.2, [r["prefill_tok_s"] for r in rows], 0.4, label="batched prefill")
+    a.barh(y - 0.2, [r["by_token_tok_s"] for r in rows], 0.4, label="token by token")
+    b.barh(y + 0.2, [r["decode_tok_s"] for r in rows], 0.4, label="decode")
+    b.barh(y - 0.2, [r["memory_bound_tok_s"] for r in rows], 0.4, color="tab:gray",
+           label="bandwidth / bytes per token")
+    for ax, title in ((a, "prompt tokens/s (log)"), (b, "decode tokens/s (log)")):
+        ax.set_yticks(y, labels, fontsize=7)
+        ax.set_xscale("log")
+        ax.set_xlabel(title)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
 def plot(rows: list[dict], out: Path, vs_llama2c: list[dict] | None = None) -> Path:
     """Generated tokens/s per engine, one panel per shape; with `vs_llama2c`, a last panel of
     our CLI's speed over llama2.c's (median pair ratio; right of the line = we are faster)."""
@@ -198,6 +356,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shapes", nargs="+", default=["stories260K", "stories15M", "stories110M"])
     p.add_argument("--prompt", type=int, default=32)
+    p.add_argument("--prefill-prompt", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=3, help="interleaved pairs per prefill figure")
     p.add_argument("--gen", type=int, default=64)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--llama2c", type=Path, default=None)
@@ -207,10 +367,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=ROOT / "bench", help="where results go")
     a = p.parse_args(argv)
     OUT.mkdir(parents=True, exist_ok=True)
+    print(cpu_info())
+    bandwidth = read_bandwidth()
+    print(f"read bandwidth, one core: {bandwidth / 1e9:.1f} GB/s (NumPy sum over 256 MB)")
     print("engines, side by side:")
     rows = run_engines(a.shapes, a.prompt, a.gen, a.threads)
     print_table(rows)
-    results = {"engines": rows}
+    results = {"cpu": cpu_info(), "read_bandwidth": bandwidth, "engines": rows}
+    threads = sorted({1, a.threads})
+    print(f"\nC engine: prefill (batched vs token by token, {a.repeats} interleaved pairs) and "
+          f"decode vs memory bound:")
+    results["prefill"] = run_prefill_decode(a.shapes, threads, a.prefill_prompt, a.gen,
+                                            a.repeats, bandwidth)
+    print("\nllama.cpp:")
+    results["llama_cpp"] = run_llama_cpp(a.shapes, threads, a.prefill_prompt, a.gen)
     if a.llama2c:
         print(f"\nour CLI vs llama2.c ({a.steps} steps, 7 interleaved runs each):")
         results["llama2c"] = run_vs_llama2c(a.llama2c, a.shapes, sorted({1, a.threads}),
@@ -218,6 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "results.json").write_text(json.dumps(results, indent=2))
     print(f"\nplot: {plot(rows, a.out / 'engines.png', results.get('llama2c'))}")
+    print(f"plot: {plot_prefill(results['prefill'], a.out / 'prefill.png')}")
     return 0
 
 

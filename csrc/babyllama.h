@@ -39,6 +39,12 @@ int bl_set_threads(bl_model *m, int threads);
 int bl_reset(bl_model *m);
 /* logits of `token` at `pos` into out[vocab_size]; fills the KV cache at pos */
 int bl_forward(bl_model *m, int token, int pos, float *out);
+/* prefill: tokens[0..n_tokens) at positions pos.. all at once (matrix-matrix products), the KV
+ * cache filled for every position; logits of the last token into out[vocab_size] (NULL: kept
+ * inside the model for bl_generate). The same numbers as n_tokens calls of bl_forward. */
+int bl_prefill(bl_model *m, const int *tokens, int n_tokens, int pos, float *out);
+/* the same with every token's logits, out[n_tokens * vocab_size] */
+int bl_forward_batch(bl_model *m, const int *tokens, int n_tokens, int pos, float *out);
 
 /* run.c's sampler: argmax at temperature 0, else softmax(logits / temperature) sampled with
  * top-p (0 < topp < 1) or from the full distribution (topp >= 1); xorshift64* state */
@@ -46,6 +52,15 @@ uint32_t bl_random_u32(uint64_t *state);
 float bl_random_f32(uint64_t *state);
 int bl_sample(bl_model *m, const float *logits, float temperature, float topp,
               uint64_t *rng_state, int *token);
+
+/* one decoding step in one call: bl_forward(token, pos) then bl_sample, the next token in
+ * *next and the logits kept inside the model (a caller's loop saves a round trip per token) */
+int bl_forward_sample(bl_model *m, int token, int pos, float temperature, float topp,
+                      uint64_t *rng_state, int *next);
+
+/* the int8 dot-product path compiled in: "portable", "avx2", "vnni", "vnni_emul", "neon" or
+ * "sdot" (see simd.h) */
+const char *bl_simd(void);
 
 /* generation: `steps` positions in all (prompt included, clamped to seq_len); calls
  * cb(token, user) for each new token; stops at BOS/EOS or when cb returns nonzero */

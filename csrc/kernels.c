@@ -1,4 +1,5 @@
-/* kernels.c: matrix-vector products for fp32 and Q8_0, the ~90% of inference time.
+/* kernels.c: matrix-vector (decode) and matrix-matrix (prefill) products for fp32 and Q8_0,
+ * the ~90% of inference time. The SIMD path is chosen in simd.h.
  *
  * Rows are split across OpenMP threads (serial when built without OpenMP). Inside a row:
  * - fp32: AVX2/FMA or NEON intrinsics with several accumulators (independent chains hide the
@@ -9,6 +10,7 @@
  *   our NumPy engine (the build turns off FMA contraction so the order is kept exactly).
  */
 #include "kernels.h"
+#include "simd.h"
 
 #include <math.h>
 #include <stdarg.h>
@@ -18,14 +20,6 @@
 
 /* below this many multiply-adds a matmul runs on one thread: forking costs more than it saves */
 #define BL_PARALLEL_MIN (1 << 16)
-
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#define BL_AVX2 1
-#elif defined(__ARM_NEON)
-#include <arm_neon.h>
-#define BL_NEON 1
-#endif
 
 #if defined(BL_AVX2)
 static inline float hsum256(__m256 v) {
@@ -131,56 +125,6 @@ void bl_matmul_f32(float *xout, const float *x, const float *w, int n, int d, in
     bl_matmuls_f32(&job, 1, x, n, threads);
 }
 
-/* exact integer dot product of gs int8 pairs */
-static inline int32_t idot(const int8_t *a, const int8_t *b, int gs) {
-    int k = 0;
-    int32_t s = 0;
-#if defined(BL_AVX2)
-    if (gs % 32 == 0) {
-        /* |a| * sign(b, a) = a * b, with |a| unsigned for maddubs: 32 products per step, pairs
-         * summed to int16 (at most 2 * 127 * 127, no overflow), then to int32 */
-        const __m256i ones = _mm256_set1_epi16(1);
-        __m256i acc = _mm256_setzero_si256();
-        for (; k < gs; k += 32) {
-            __m256i va = _mm256_loadu_si256((const __m256i *)(a + k));
-            __m256i vb = _mm256_loadu_si256((const __m256i *)(b + k));
-            __m256i p16 = _mm256_maddubs_epi16(_mm256_sign_epi8(va, va), _mm256_sign_epi8(vb, va));
-            acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p16, ones));
-        }
-        __m128i v = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
-        v = _mm_add_epi32(v, _mm_shuffle_epi32(v, _MM_SHUFFLE(1, 0, 3, 2)));
-        v = _mm_add_epi32(v, _mm_shuffle_epi32(v, _MM_SHUFFLE(2, 3, 0, 1)));
-        return _mm_cvtsi128_si32(v);
-    }
-    if (gs % 16 == 0) {
-        __m256i acc = _mm256_setzero_si256();
-        for (; k < gs; k += 16) {
-            __m256i va = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(a + k)));
-            __m256i vb = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(b + k)));
-            acc = _mm256_add_epi32(acc, _mm256_madd_epi16(va, vb));
-        }
-        __m128i v = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
-        v = _mm_add_epi32(v, _mm_shuffle_epi32(v, _MM_SHUFFLE(1, 0, 3, 2)));
-        v = _mm_add_epi32(v, _mm_shuffle_epi32(v, _MM_SHUFFLE(2, 3, 0, 1)));
-        return _mm_cvtsi128_si32(v);
-    }
-#elif defined(BL_NEON)
-    if (gs % 16 == 0) {
-        int32x4_t acc = vdupq_n_s32(0);
-        for (; k < gs; k += 16) {
-            int8x16_t va = vld1q_s8(a + k), vb = vld1q_s8(b + k);
-            int16x8_t lo = vmull_s8(vget_low_s8(va), vget_low_s8(vb));
-            int16x8_t hi = vmull_s8(vget_high_s8(va), vget_high_s8(vb));
-            acc = vpadalq_s16(acc, lo);
-            acc = vpadalq_s16(acc, hi);
-        }
-        return vaddvq_s32(acc);
-    }
-#endif
-    for (; k < gs; k++) s += (int32_t)a[k] * (int32_t)b[k];
-    return s;
-}
-
 void bl_matmuls_q80(const bl_matvec *jobs, int njobs, const bl_qtensor *x, int n, int gs,
                     int threads) {
     int ngroups = n / gs;
@@ -195,17 +139,132 @@ void bl_matmuls_q80(const bl_matvec *jobs, int njobs, const bl_qtensor *x, int n
         int i;
 #pragma omp for schedule(static) nowait
         for (i = 0; i < j->d; i++) {
-            const int8_t *wq = w->q + (size_t)i * n;
-            const float *ws = w->s + (size_t)i * ngroups;
-            float val = 0.0f;
-            for (int g = 0; g < ngroups; g++) {
-                int32_t ival = idot(x->q + (size_t)g * gs, wq + (size_t)g * gs, gs);
-                val += ((float)ival * ws[g]) * x->s[g];
-            }
-            j->out[i] = val;
+            j->out[i] = qdot(x->q, x->s, w->q + (size_t)i * n, w->s + (size_t)i * ngroups, ngroups, gs);
         }
     }
 }
+
+/* ---------------------------------------------------------------------------------------- */
+/* matrix-matrix products for a batch of T tokens (prefill): out (T, d) = x (T, n) @ W^T.
+ * A matvec reads every weight once per token from DRAM; here a panel of rows is read once and
+ * kept in L2 while all T tokens pass over it, and inside a panel a 4-row x 3-token tile keeps
+ * 12 accumulators in registers, so each loaded weight vector serves 3 tokens and each loaded
+ * x vector 4 rows. Each (row, token) sum runs in the same order as in the matvec (one 8-lane
+ * accumulator, then the scalar tail), so a token's logits are the same bits either way. */
+
+/* rows of a panel: about 64 KB of fp32 weights (at least one 4-row tile) */
+static int panel_rows(int n, int bytes_per_value) {
+    int rows = (65536 / bytes_per_value / (n > 0 ? n : 1)) & ~3;
+    return rows < 4 ? 4 : rows;
+}
+
+/* out[t * ldo + r] = w_r . x_t for 4 rows w (row stride n) and nt <= 3 tokens x (stride n) */
+static inline __attribute__((always_inline)) void tile_f32(float *out, int ldo, const float *x,
+                                                           const float *w, int n, int nt) {
+    int j = 0;
+    float s[3][4] = {{0}};
+#if defined(BL_AVX2)
+    __m256 a[3][4];
+    for (int t = 0; t < nt; t++)
+        for (int r = 0; r < 4; r++) a[t][r] = _mm256_setzero_ps();
+    for (; j + 8 <= n; j += 8) {
+        __m256 wv[4];
+        for (int r = 0; r < 4; r++) wv[r] = _mm256_loadu_ps(w + (size_t)r * n + j);
+        for (int t = 0; t < nt; t++) {
+            __m256 xv = _mm256_loadu_ps(x + (size_t)t * n + j);
+            for (int r = 0; r < 4; r++) a[t][r] = _mm256_fmadd_ps(wv[r], xv, a[t][r]);
+        }
+    }
+    for (int t = 0; t < nt; t++)
+        for (int r = 0; r < 4; r++) s[t][r] = hsum256(a[t][r]);
+#elif defined(BL_NEON)
+    float32x4_t a[3][4];
+    for (int t = 0; t < nt; t++)
+        for (int r = 0; r < 4; r++) a[t][r] = vdupq_n_f32(0);
+    for (; j + 4 <= n; j += 4)
+        for (int t = 0; t < nt; t++) {
+            float32x4_t xv = vld1q_f32(x + (size_t)t * n + j);
+            for (int r = 0; r < 4; r++) a[t][r] = vfmaq_f32(a[t][r], vld1q_f32(w + (size_t)r * n + j), xv);
+        }
+    for (int t = 0; t < nt; t++)
+        for (int r = 0; r < 4; r++) s[t][r] = vaddvq_f32(a[t][r]);
+#endif
+    for (int t = 0; t < nt; t++)
+        for (int r = 0; r < 4; r++) {
+            for (int k = j; k < n; k++) s[t][r] += w[(size_t)r * n + k] * x[(size_t)t * n + k];
+            out[(size_t)t * ldo + r] = s[t][r];
+        }
+}
+
+/* rows [r0, r1) of one product for all T tokens */
+static void panel_f32(const bl_matvec *job, const float *x, int T, int n, int r0, int r1) {
+    const float *w = job->w->f;
+    int d = job->d;
+    for (int t = 0; t < T; t += 3) {
+        int nt = T - t < 3 ? T - t : 3;
+        const float *xt = x + (size_t)t * n;
+        float *ot = job->out + (size_t)t * d;
+        int r = r0;
+        for (; r + 4 <= r1; r += 4) {
+            const float *wr = w + (size_t)r * n;
+            if (nt == 3) tile_f32(ot + r, d, xt, wr, n, 3);   /* constant nt: fully unrolled */
+            else if (nt == 2) tile_f32(ot + r, d, xt, wr, n, 2);
+            else tile_f32(ot + r, d, xt, wr, n, 1);
+        }
+        for (; r < r1; r++)   /* the last rows of a matrix, as rows4_f32 does them */
+            for (int u = 0; u < nt; u++) ot[(size_t)u * d + r] = dot1_f32(xt + (size_t)u * n, w + (size_t)r * n, n);
+    }
+}
+
+void bl_matmats_f32(const bl_matvec *jobs, int njobs, const float *x, int T, int n,
+                    int threads) {
+    long work = (long)T * batch_work(jobs, njobs, n, 0);
+    int rows = panel_rows(n, 4);
+    (void)threads, (void)work;
+#pragma omp parallel num_threads(threads) if (work >= BL_PARALLEL_MIN)
+    for (int k = 0; k < njobs; k++) {
+        int npanels = (jobs[k].d + rows - 1) / rows, p;
+#pragma omp for schedule(static) nowait
+        for (p = 0; p < npanels; p++) {
+            int r1 = (p + 1) * rows < jobs[k].d ? (p + 1) * rows : jobs[k].d;
+            panel_f32(&jobs[k], x, T, n, p * rows, r1);
+        }
+    }
+}
+
+/* Q8_0: one weight row against up to 4 tokens (the row's groups stay in L1 between them) */
+static void row_q80(float *out, int ldo, const bl_qtensor *x, const int8_t *wq, const float *ws,
+                    int nt, int n, int gs) {
+    int ngroups = n / gs;
+    for (int t = 0; t < nt; t++)
+        out[(size_t)t * ldo] = qdot(x->q + (size_t)t * n, x->s + (size_t)t * ngroups, wq, ws, ngroups, gs);
+}
+
+void bl_matmats_q80(const bl_matvec *jobs, int njobs, const bl_qtensor *x, int T, int n, int gs,
+                    int threads) {
+    int ngroups = n / gs, rows = panel_rows(n, 1);
+    long work = (long)T * batch_work(jobs, njobs, n, 16 * ngroups);
+    (void)threads, (void)work;
+#pragma omp parallel num_threads(threads) if (work >= BL_PARALLEL_MIN)
+    for (int k = 0; k < njobs; k++) {
+        const bl_matvec *j = &jobs[k];
+        int npanels = (j->d + rows - 1) / rows, p;
+#pragma omp for schedule(static) nowait
+        for (p = 0; p < npanels; p++) {
+            int r1 = (p + 1) * rows < j->d ? (p + 1) * rows : j->d;
+            for (int t = 0; t < T; t += 4) {
+                int nt = T - t < 4 ? T - t : 4;
+                bl_qtensor xt = {x->q + (size_t)t * n, x->s + (size_t)t * ngroups};
+                for (int r = p * rows; r < r1; r++)
+                    row_q80(j->out + (size_t)t * j->d + r, j->d, &xt, j->w->q.q + (size_t)r * n,
+                            j->w->q.s + (size_t)r * ngroups, nt, n, gs);
+            }
+        }
+    }
+}
+
+/* the path compiled in, for bl_simd() (babyllama.h) */
+const char *bl_simd(void) { return bl_simd_name(); }
 
 void bl_quantize(int8_t *q, float *s, const float *x, int n, int gs) {
     for (int g = 0; g < n / gs; g++) {

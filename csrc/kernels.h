@@ -42,6 +42,13 @@ void bl_matmuls_f32(const bl_matvec *jobs, int njobs, const float *x, int n, int
 void bl_matmuls_q80(const bl_matvec *jobs, int njobs, const bl_qtensor *x, int n, int gs,
                     int threads);
 
+/* prefill: the same for T tokens at once, x (T, n) row-major (Q8_0: x->q (T, n), x->s
+ * (T, n / gs)), each job's out (T, d) row-major; weights are reused across the tokens */
+void bl_matmats_f32(const bl_matvec *jobs, int njobs, const float *x, int T, int n,
+                    int threads);
+void bl_matmats_q80(const bl_matvec *jobs, int njobs, const bl_qtensor *x, int T, int n, int gs,
+                    int threads);
+
 /* quantize x (n,) into q/s in groups of gs, as runq.c: scale = max|x| / 127, round half away */
 void bl_quantize(int8_t *q, float *s, const float *x, int n, int gs);
 

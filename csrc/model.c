@@ -6,8 +6,7 @@
  * taken, so a truncated or corrupted file gives an error, never a read past the mapping.
  */
 #define _POSIX_C_SOURCE 200809L
-#include "babyllama.h"
-#include "kernels.h"
+#include "model.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -23,43 +22,6 @@
 #define HEADER_V1 256
 #define MAX_DIM (1 << 20)
 
-typedef struct {
-    float prob;
-    int index;
-} ProbIndex;
-
-typedef struct {
-    int dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, seq_len;
-    int version, group_size, shared;
-} Config;
-
-typedef struct {
-    const float *attention_norm, *ffn_norm;   /* (dim,) each */
-    bl_mat wq, wk, wv, wo;                    /* (dim, dim), (kv_dim, dim) x2, (dim, dim) */
-    bl_mat w1, w2, w3;                        /* (hidden_dim, dim), (dim, hidden_dim), (hidden_dim, dim) */
-} Layer;
-
-struct bl_model {
-    Config c;
-    int threads;
-    void *map;
-    size_t map_size;
-    float *tok_embeddings;   /* (vocab_size, dim): the mapping, or a dequantized copy for v2 */
-    int owns_embeddings;
-    Layer *layers;
-    const float *norm;       /* (dim,) */
-    bl_mat output;           /* (vocab_size, dim) */
-    /* state */
-    float *x, *xb, *xb2, *hb, *hb2, *q, *k, *v, *logits; /* activations */
-    double *att, *acc;                                   /* attention scores, outputs */
-    int8_t *xq_q;
-    float *xq_s;                                         /* quantized activation (v2) */
-    float *key_cache, *value_cache;   /* (n_layers, n_kv_heads, seq_len, head_size) each */
-    double *freqs_cos, *freqs_sin;                       /* RoPE, (seq_len, head_size / 2) */
-    ProbIndex *probindex;                                /* sampler scratch (vocab_size) */
-    float *probs;
-    char err[512];
-};
 
 const char *bl_model_error(const bl_model *m) { return m ? m->err : "no model"; }
 
@@ -314,97 +276,6 @@ int bl_reset(bl_model *m) {
 /* ---------------------------------------------------------------------------------------- */
 /* the forward pass */
 
-/* The small ops are computed in double and stored as float: then the NumPy engine, doing the
- * same in float64, lands on the same float32 values (sums in a different order differ only in
- * the last bits of a double). For int8 files this matters: a last-bit difference before an
- * activation is quantized can flip a rounding and move the result by a whole quantization step. */
-static void rmsnorm(float *o, const float *x, const float *weight, int n) {
-    double ss = 0.0;
-    for (int j = 0; j < n; j++) ss += (double)x[j] * x[j];
-    ss = 1.0 / sqrt(ss / n + 1e-5);
-    for (int j = 0; j < n; j++) o[j] = (float)(weight[j] * (ss * x[j]));
-}
-
-/* exp(x) in double for x <= 0 (softmax and silu inputs are shifted to be), branch-free so that
- * the loops calling it vectorize: x = k ln2 + r with |r| <= ln2/2 (ln2 split in two parts for
- * an exact reduction), exp(r) by its Taylor series to r^13 (error below 1e-16), times 2^k
- * built in the exponent bits. Within 2 ulp of a correctly rounded exp, like libm's and
- * NumPy's, so the float32 results it feeds round the same way in C and in NumPy. */
-#if defined(__FMA__) || defined(__ARM_FEATURE_FMA)
-#define MADD(a, b, c) fma(a, b, c)   /* one instruction, one rounding: faster and as accurate */
-#else
-#define MADD(a, b, c) ((a) * (b) + (c))
-#endif
-static inline double exp_neg(double x) {
-    x = x < -708.0 ? -708.0 : x;   /* exp(-708) ~ 3e-308: below that, 0 for our purposes */
-    double k = nearbyint(x * 1.4426950408889634);   /* nearest integer (vectorizes) */
-    double r = (x - k * 6.93147180369123816490e-01) - k * 1.90821492927058770002e-10;
-    double p = 1.0 / 6227020800.0;   /* 1/13!, then Horner down to 1/0! */
-    p = MADD(p, r, 1.0 / 479001600.0);
-    p = MADD(p, r, 1.0 / 39916800.0);
-    p = MADD(p, r, 1.0 / 3628800.0);
-    p = MADD(p, r, 1.0 / 362880.0);
-    p = MADD(p, r, 1.0 / 40320.0);
-    p = MADD(p, r, 1.0 / 5040.0);
-    p = MADD(p, r, 1.0 / 720.0);
-    p = MADD(p, r, 1.0 / 120.0);
-    p = MADD(p, r, 1.0 / 24.0);
-    p = MADD(p, r, 1.0 / 6.0);
-    p = MADD(p, r, 0.5);
-    p = MADD(p, r, 1.0);
-    p = MADD(p, r, 1.0);
-    /* 2^k: k + 1.5 * 2^52 holds k in its low mantissa bits; move k + 1023 to the exponent */
-    double t = k + 6755399441055744.0;
-    int64_t bits;
-    memcpy(&bits, &t, sizeof bits);
-    bits = (bits - 0x4338000000000000LL + 1023) << 52;
-    double scale;
-    memcpy(&scale, &bits, sizeof scale);
-    return p * scale;
-}
-
-/* q . k in double with four independent partial sums (one long chain of dependent adds
- * would leave the FPU waiting on each add's latency) */
-static double dot_d(const float *q, const float *k, int n) {
-    double s[4] = {0.0, 0.0, 0.0, 0.0};
-    int i = 0;
-    for (; i + 4 <= n; i += 4)
-        for (int j = 0; j < 4; j++) s[j] += (double)q[i + j] * k[i + j];
-    for (; i < n; i++) s[0] += (double)q[i] * k[i];
-    return (s[0] + s[1]) + (s[2] + s[3]);
-}
-
-static double max_d(const double *x, int n) {
-    double mx[4] = {x[0], x[0], x[0], x[0]};   /* four running maxima: no dependency chain */
-    int i = 0;
-    for (; i + 4 <= n; i += 4)
-        for (int j = 0; j < 4; j++) mx[j] = x[i + j] > mx[j] ? x[i + j] : mx[j];
-    for (; i < n; i++) mx[0] = x[i] > mx[0] ? x[i] : mx[0];
-    double a = mx[0] > mx[1] ? mx[0] : mx[1], b = mx[2] > mx[3] ? mx[2] : mx[3];
-    return a > b ? a : b;
-}
-
-/* x[i] = exp(x[i] - max) in place; returns their sum (partial sums, as in dot_d) */
-static double exp_sum_d(double *x, int n, double max) {
-    double part[4] = {0.0, 0.0, 0.0, 0.0};
-    int i = 0;
-    for (; i + 4 <= n; i += 4)
-        for (int j = 0; j < 4; j++) {
-            x[i + j] = exp_neg(x[i + j] - max);
-            part[j] += x[i + j];
-        }
-    for (; i < n; i++) {
-        x[i] = exp_neg(x[i] - max);
-        part[0] += x[i];
-    }
-    return (part[0] + part[1]) + (part[2] + part[3]);
-}
-
-/* softmax of x (n,) in double, in place */
-static void softmax_d(double *x, int n) {
-    double sum = exp_sum_d(x, n, max_d(x, n));
-    for (int i = 0; i < n; i++) x[i] /= sum;
-}
 
 /* probs (vocab_size,) = softmax(logits / temperature), in double and stored as float. The
  * sampler does this every token while the other threads would wait, so they share it: the
@@ -485,19 +356,11 @@ int bl_forward(bl_model *m, int token, int pos, float *out) {
         matmuls(m, m->xb, dim, 3, (float *const[]){m->q, k, v},
                 (const bl_mat *const[]){&w->wq, &w->wk, &w->wv}, (const int[]){dim, kv_dim, kv_dim});
 
-        /* RoPE: rotate each pair (2i, 2i+1) of every head of q and k by its angle at pos */
+        /* RoPE on q and k at pos */
         const double *fcos = m->freqs_cos + (size_t)pos * (head_size / 2);
         const double *fsin = m->freqs_sin + (size_t)pos * (head_size / 2);
-        for (int i = 0; i < dim; i += 2) {
-            double fcr = fcos[(i % head_size) / 2], fci = fsin[(i % head_size) / 2];
-            int rotn = i < kv_dim ? 2 : 1;
-            for (int r = 0; r < rotn; r++) {
-                float *vec = r == 0 ? m->q : k;
-                double v0 = vec[i], v1 = vec[i + 1];
-                vec[i] = (float)(v0 * fcr - v1 * fci);
-                vec[i + 1] = (float)(v0 * fci + v1 * fcr);
-            }
-        }
+        rope(m->q, dim, head_size, fcos, fsin);
+        rope(k, kv_dim, head_size, fcos, fsin);
 
         /* into the cache: each KV head keeps its positions together, so attention reads one
          * contiguous run of pos * head_size floats per head instead of strided rows */
@@ -516,14 +379,7 @@ int bl_forward(bl_model *m, int token, int pos, float *out) {
             const float *q = m->q + h * head_size;
             const float *kh = kcache + (h / kv_mul) * hstride, *vh = vcache + (h / kv_mul) * hstride;
             double *att = m->att + (size_t)h * c->seq_len;
-            const double sqrt_hs = sqrt((double)head_size);
-            for (int t = 0; t <= pos; t++) att[t] = dot_d(q, kh + (size_t)t * head_size, head_size) / sqrt_hs;
-            softmax_d(att, pos + 1);
-            double *acc = m->acc + h * head_size;
-            for (int i = 0; i < head_size; i++) acc[i] = 0.0;
-            for (int t = 0; t <= pos; t++)
-                for (int i = 0; i < head_size; i++) acc[i] += att[t] * vh[(size_t)t * head_size + i];
-            for (int i = 0; i < head_size; i++) m->xb[h * head_size + i] = (float)acc[i];
+            attend(m->xb + h * head_size, q, kh, vh, pos, head_size, att, m->acc + h * head_size);
         }
         matmul(m, m->xb2, m->xb, &w->wo, dim, dim);
         for (int i = 0; i < dim; i++) x[i] += m->xb2[i];
@@ -532,11 +388,7 @@ int bl_forward(bl_model *m, int token, int pos, float *out) {
         rmsnorm(m->xb, x, w->ffn_norm, dim);
         matmuls(m, m->xb, dim, 2, (float *const[]){m->hb, m->hb2},
                 (const bl_mat *const[]){&w->w1, &w->w3}, (const int[]){hidden_dim, hidden_dim});
-        for (int i = 0; i < hidden_dim; i++) {
-            double val = m->hb[i];   /* silu(v) = v / (1 + e^-v), e^-v = 1 / e^v for v < 0 */
-            double e = val < 0 ? 1.0 / exp_neg(val) : exp_neg(-val);
-            m->hb[i] = (float)(val / (1.0 + e) * m->hb2[i]);
-        }
+        silu_mul(m->hb, m->hb2, hidden_dim);
         matmul(m, m->xb, m->hb, &w->w2, hidden_dim, dim);
         for (int i = 0; i < dim; i++) x[i] += m->xb[i];
     }
@@ -613,6 +465,12 @@ int bl_sample(bl_model *m, const float *logits, float temperature, float topp,
     return BL_OK;
 }
 
+int bl_forward_sample(bl_model *m, int token, int pos, float temperature, float topp,
+                      uint64_t *rng_state, int *next) {
+    int rc = bl_forward(m, token, pos, m->logits);
+    return rc != BL_OK ? rc : bl_sample(m, m->logits, temperature, topp, rng_state, next);
+}
+
 /* ---------------------------------------------------------------------------------------- */
 /* generation, as run.c's loop (and our NumPy engine's generate) */
 
@@ -632,8 +490,7 @@ int bl_generate(bl_model *m, const int *prompt, int n_prompt, int steps, float t
     uint64_t rng = seed;
     bl_reset(m);
     if (steps <= n_prompt - 1) return BL_OK;
-    for (int pos = 0; pos < n_prompt; pos++)
-        if ((rc = bl_forward(m, prompt[pos], pos, m->logits)) != BL_OK) return rc;
+    if ((rc = bl_prefill(m, prompt, n_prompt, 0, m->logits)) != BL_OK) return rc;
     for (int pos = n_prompt;; pos++) {
         if ((rc = bl_sample(m, m->logits, temperature, topp, &rng, &next)) != BL_OK) return rc;
         if (next == 1 || next == 2) break;   /* BOS or EOS: the story is over */

@@ -26,10 +26,14 @@
 typedef struct {
     bl_tokenizer *tok;
     int prev;
+    double t_first;   /* when the first new token came: the prompt's time ends there */
 } Printer;
+
+static double now_s(void);
 
 static int print_token(int token, void *user) {
     Printer *p = user;
+    if (p->t_first == 0.0) p->t_first = now_s();
     const char *piece;
     size_t len;
     if (bl_decode(p->tok, p->prev, token, &piece, &len) == BL_OK) {
@@ -265,14 +269,21 @@ int main(int argc, char **argv) {
     if (rc != BL_OK) {
         fprintf(stderr, "error: %s\n", ids ? bl_tokenizer_error(tok) : "out of memory");
     } else {
-        Printer pr = {tok, 1};
+        Printer pr = {tok, 1, -1.0};
         for (int i = 1; i < n_prompt; i++) print_token(ids[i], &pr);
+        pr.t_first = 0.0;
         double t0 = now_s();
         rc = bl_generate(m, ids, n_prompt, steps, temperature, topp, seed, print_token, &pr, &n_gen);
         double dt = now_s() - t0;
         printf("\n");
         if (rc != BL_OK) fprintf(stderr, "error: %s\n", bl_model_error(m));
-        else if (n_gen > 0) fprintf(stderr, "achieved tok/s: %f\n", (n_gen + n_prompt - 1) / dt);
+        else if (n_gen > 0) {
+            /* llama.cpp-style: prompt (prefill, up to the first new token) and generation apart */
+            double tp = pr.t_first - t0, tg = dt - tp;
+            fprintf(stderr, "prompt: %d tokens, %f tok/s; generation: %d tokens, %f tok/s\n", n_prompt,
+                    n_prompt / tp, n_gen - 1, n_gen > 1 && tg > 0 ? (n_gen - 1) / tg : 0.0);
+            fprintf(stderr, "achieved tok/s: %f\n", (n_gen + n_prompt - 1) / dt);
+        }
     }
     free(ids);
     bl_tokenizer_close(tok);

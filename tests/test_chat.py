@@ -80,9 +80,8 @@ def test_fed_ids_are_run_c_rendering(chatty, llama2_model):
     sp = spm.SentencePieceProcessor(model_file=str(llama2_model))
     engine = NumpyLlama.load(chatty["long"])   # a 512-token context: no shift here
     calls = []
-    forward_tokens = engine.forward_tokens
-    engine.forward_tokens = lambda toks, pos: calls.append((list(toks), pos)) or \
-        forward_tokens(toks, pos)
+    prefill = engine.prefill
+    engine.prefill = lambda toks, pos: calls.append((list(toks), pos)) or prefill(toks, pos)
     session = ChatSession(engine, Tokenizer.from_bin(chatty["tok"]), SYSTEM, seed=42)
     replies = [session.turn(u) for u in TURNS[:3]]
     assert all(replies) and all(2 not in r for r in replies)

@@ -70,7 +70,7 @@ def test_generate_runs_past_the_context_exactly_steps(files):
 
 def _greedy_run(engine, prompt, n, n_keep=1):
     """Feed greedy tokens through a Context; (logits after each feed, shift flags, contexts)."""
-    ctx = Context(engine.forward_tokens, SEQ, n_keep, True, engine.args.vocab_size)
+    ctx = Context(engine.prefill, SEQ, n_keep, True, engine.args.vocab_size)
     logits, out = [np.asarray(ctx.feed(prompt), dtype=np.float32)], []
     for _ in range(n):
         shifts = ctx.n_shifts
@@ -118,8 +118,8 @@ def _greedy_run_torch(model, prompt, n):
     class Engine:
         args = model.params
 
-        def forward_tokens(self, tokens, pos):
-            return model.forward_tokens(tokens, pos).float().numpy()
+        def prefill(self, tokens, pos):
+            return model.prefill(tokens, pos).float().numpy()
     return _greedy_run(Engine(), prompt, n)
 
 
@@ -142,14 +142,14 @@ def test_long_prompt_is_truncated_or_rejected(files):
 def test_a_rejected_step_leaves_the_cache_usable(files, engine_cls):
     path = files[1][0]
     eng = engine_cls.load(path)
-    ctx = Context(eng.forward_tokens, SEQ, 1, shift=False, vocab_size=eng.args.vocab_size)
+    ctx = Context(eng.prefill, SEQ, 1, shift=False, vocab_size=eng.args.vocab_size)
     ctx.feed(list(range(1, SEQ - 1)))
     with pytest.raises(ValueError, match="do not fit in the context"):
         ctx.feed([5, 6, 7])
     with pytest.raises(ValueError, match="token id 512 outside the vocabulary"):
         ctx.feed([5, 512])
     with pytest.raises(ValueError, match="n_keep"):
-        Context(eng.forward_tokens, SEQ, n_keep=SEQ - 1)
+        Context(eng.prefill, SEQ, n_keep=SEQ - 1)
     assert len(ctx) == SEQ - 2
     got = ctx.feed([5, 6])   # exactly fills the context
     fresh = NumpyLlama.load(path)

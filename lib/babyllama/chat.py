@@ -48,10 +48,10 @@ BOS, EOS = 1, 2
 
 class ChatSession:
     """A conversation as run.c's chat mode has it, over any engine with `args`,
-    `forward_tokens(tokens, pos)` and `sample(logits, temperature, topp, rng)`.
+    `prefill(tokens, pos)` and `sample(logits, temperature, topp, rng)`.
 
     One KV cache lives across the turns (a babyllama.context.Context): a turn feeds only its new
-    tokens — the previous reply's EOS, then BOS and the rendered turn — in one forward_tokens
+    tokens — the previous reply's EOS, then BOS and the rendered turn — in one prefill
     call; a reply is sampled token by token and ends at EOS. Past the context the cache shifts
     (n_keep tokens kept); with context_shift=False a turn that does not fit is a ValueError.
     `steps` > 0 caps the positions of the whole conversation, as run.c's -n; `fed` records
@@ -67,7 +67,7 @@ class ChatSession:
         a = engine.args
         self.engine, self.tokenizer, self.system = engine, tokenizer, system
         self.temperature, self.topp, self.steps = temperature, topp, steps
-        self.ctx = Context(engine.forward_tokens, a.max_seq_len, n_keep, context_shift,
+        self.ctx = Context(engine.prefill, a.max_seq_len, n_keep, context_shift,
                            a.vocab_size)
         self.rng = XorShiftRng(seed if seed is not None else random_seed())
         self.fed: list[list[int]] = []
@@ -122,6 +122,9 @@ class TorchEngine:
 
     def forward_tokens(self, tokens: list[int], pos: int):
         return self.model.forward_tokens(tokens, pos).float().numpy()
+
+    def prefill(self, tokens: list[int], pos: int):
+        return self.model.prefill(tokens, pos).float().numpy()
 
     def sample(self, logits, temperature: float, topp: float, rng) -> int:
         from babyllama.inference_numpy import sample

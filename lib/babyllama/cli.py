@@ -145,29 +145,46 @@ def cmd_generate(a) -> None:
     from babyllama.tokenizer import Tokenizer
 
     seed = a.seed if a.seed > 0 else int(time.time())   # run.c: 0 means "from the clock"
+    t0 = time.perf_counter()
     if a.engine == "torch":
         from babyllama.model import Transformer
 
         model = Transformer.from_pretrained(a.model)
         tok = Tokenizer.from_bin(a.tokenizer, model.params.vocab_size)
         prompt = tok.encode(a.prompt, bos=True)
+        t0 = time.perf_counter()
         ids = model.generate(prompt, max(0, min(a.steps, model.params.max_seq_len) - len(prompt)
                                          + 1), a.temperature, top_p=a.topp, seed=seed)
     else:
         engine = load_engine(a.model, a.engine, a.threads)
         tok = Tokenizer.from_bin(a.tokenizer, engine.args.vocab_size)
         prompt = tok.encode(a.prompt, bos=True)
+        t0 = time.perf_counter()
         ids = engine.generate(prompt, a.steps or engine.args.max_seq_len, a.temperature, a.topp,
                               seed)
+    first: list[float] = []   # when the first new token arrived: the prompt's time ends there
+
+    def timed(ids):
+        for t in ids:
+            first.append(first[0] if first else time.perf_counter())
+            yield t
+
     sys.stdout.write(a.prompt)
-    t0, n = time.perf_counter(), 0
-    for piece in tok.stream(ids, prev=prompt[-1]):
+    for piece in tok.stream(timed(ids), prev=prompt[-1]):
         sys.stdout.write(piece)
         sys.stdout.flush()
-        n += 1
-    dt = time.perf_counter() - t0
+    t1 = time.perf_counter()
     sys.stdout.write("\n")
-    print(f"[{a.engine}: {n} pieces in {dt:.2f}s]", file=sys.stderr)
+    n = len(first)
+    print(f"[{a.engine}: {timing_line(len(prompt), n, t0, first[0] if first else t1, t1)}]",
+          file=sys.stderr)
+
+
+def timing_line(n_prompt: int, n_gen: int, t0: float, t_first: float, t1: float) -> str:
+    """llama.cpp-style: the prompt (up to the first new token) and generation reported apart."""
+    gen = f"{(n_gen - 1) / (t1 - t_first):,.1f} tok/s" if n_gen > 1 and t1 > t_first else "-"
+    prompt = f"{n_prompt / (t_first - t0):,.1f} tok/s" if t_first > t0 else "-"
+    return f"prompt {n_prompt} tokens, {prompt}; generated {n_gen} tokens, {gen}"
 
 
 def _read_line(prompt: str) -> str | None:

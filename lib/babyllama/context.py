@@ -1,14 +1,14 @@
 """The context window over a KV cache: which tokens it holds, and the shift when it is full.
 
     from babyllama.context import Context
-    ctx = Context(engine.forward_tokens, engine.args.max_seq_len, n_keep=1)
+    ctx = Context(engine.prefill, engine.args.max_seq_len, n_keep=1)
     logits = ctx.feed(prompt_ids)      # the last token's logits; the cache now holds the prompt
     logits = ctx.feed([next_id])       # ... one more; past max_seq_len the window shifts
 
 Every engine (NumPy, C, PyTorch) and the chat session use it, so they shift the same way.
 When the tokens to hold would pass max_seq_len, the window keeps its first `n_keep` tokens
 (BOS at least: attention leans on it), drops the oldest half of the rest, and *recomputes*
-the keys and values of the tokens that moved (one forward_tokens call, a prefill).
+the keys and values of the tokens that moved (one prefill call).
 
 Why recompute rather than re-rotate the cached keys by the RoPE angle of their new position
 (what llama.cpp's K-shift does)? Re-rotation is exact only in layer 0: from layer 1 on, each
@@ -18,8 +18,9 @@ no RoPE bound covers that difference. Recomputing costs a prefill of about max_s
 every max_seq_len/2 generated tokens, and gives exactly the logits of a fresh run over the kept
 tokens at their new positions, which the tests check.
 
-No torch and no NumPy here: `forward_tokens(tokens, pos)` returns the logits (T, vocab) of
-`tokens` at positions pos .. pos+T-1 in whatever array type the engine uses.
+No torch and no NumPy here: `prefill(tokens, pos)` puts `tokens` into the cache at positions
+pos .. pos+T-1 and returns the last one's logits (vocab,), in whatever array type the engine
+uses.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-ForwardTokens = Callable[[list[int], int], Any]
+Prefill = Callable[[list[int], int], Any]
 
 
 def kept_after_shift(tokens: Sequence[int], n_keep: int, seq_len: int) -> list[int]:
@@ -47,10 +48,10 @@ def check_n_keep(n_keep: int, seq_len: int) -> None:
 class Context:
     """The tokens whose keys and values sit in an engine's KV cache, at positions 0..len-1."""
 
-    def __init__(self, forward_tokens: ForwardTokens, seq_len: int, n_keep: int = 1,
+    def __init__(self, prefill: Prefill, seq_len: int, n_keep: int = 1,
                  shift: bool = True, vocab_size: int | None = None):
         check_n_keep(n_keep, seq_len)
-        self.forward_tokens, self.seq_len = forward_tokens, seq_len
+        self.prefill, self.seq_len = prefill, seq_len
         self.n_keep, self.shift, self.vocab_size = n_keep, shift, vocab_size
         self.tokens: list[int] = []   # tokens[i] is cached at position i
         self.n_shifts = 0
@@ -95,9 +96,9 @@ class Context:
         if len(target) < len(self.tokens) + len(new):
             self.n_shifts += 1
         try:
-            logits = self.forward_tokens(target[common:], common)
+            logits = self.prefill(target[common:], common)
         except BaseException:
             self.tokens = self.tokens[:common]   # what is past `common` may be half-written
             raise
         self.tokens = target
-        return logits[-1]
+        return logits

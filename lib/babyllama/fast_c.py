@@ -32,8 +32,8 @@ from babyllama.config import ModelArgs
 from babyllama.inference_numpy import XorShiftRng, check_sampling, generate_loop
 
 CSRC = Path(__file__).resolve().parent.parent.parent / "csrc"
-LIB_SOURCES = ("kernels.c", "model.c", "tokenizer.c", "context.c")
-HEADERS = ("babyllama.h", "kernels.h")
+LIB_SOURCES = ("kernels.c", "model.c", "prefill.c", "tokenizer.c", "context.c")
+HEADERS = ("babyllama.h", "kernels.h", "model.h", "simd.h")
 BASE_FLAGS = ["-std=c11", "-fPIC", "-ffp-contract=off", "-Wall", "-Wextra"]
 DEFAULT_CFLAGS = "-O3 -march=native"
 ERRORS = {1: "I/O error", 2: "bad file format", 3: "bad argument", 4: "out of memory",
@@ -146,6 +146,10 @@ def load_library(path: str | None = None) -> C.CDLL:
         "bl_set_threads": ([vp, i], i),
         "bl_reset": ([vp], i),
         "bl_forward": ([vp, i, i, _f32p], i),
+        "bl_prefill": ([vp, _i32p, i, i, _f32p], i),
+        "bl_forward_batch": ([vp, _i32p, i, i, _f32p], i),
+        "bl_forward_sample": ([vp, i, i, f, f, C.POINTER(C.c_uint64), C.POINTER(i)], i),
+        "bl_simd": ([], ep),
         "bl_sample": ([vp, _f32p, f, f, C.POINTER(C.c_uint64), C.POINTER(i)], i),
         "bl_random_u32": ([C.POINTER(C.c_uint64)], C.c_uint32),
         "bl_generate": ([vp, _i32p, i, i, f, f, C.c_uint64, TOKEN_CB, vp, C.POINTER(i)], i),
@@ -172,6 +176,11 @@ def _open(opener, path: str | Path, arg: int) -> C.c_void_p:
 
 # ----------------------------------------------------------------------------------------------
 # the engine
+
+def simd_path() -> str:
+    """The int8 dot-product path the library was built with (csrc/simd.h)."""
+    return load_library().bl_simd().decode()
+
 
 class CLlama:
     """The C kernel behind the interface of NumpyLlama."""
@@ -215,9 +224,36 @@ class CLlama:
         self._check(self._lib.bl_forward(self._h, int(token), int(pos), self._logits))
         return self._logits.copy()
 
+    def _ids(self, tokens: list[int]) -> np.ndarray:
+        ids = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        if ids.size and (ids.min() < np.iinfo(np.int32).min or ids.max() > np.iinfo(np.int32).max):
+            bad = ids[(ids < 0) | (ids >= self.args.vocab_size)][0]
+            raise ValueError(f"token id {bad} outside the vocabulary [0, {self.args.vocab_size})")
+        return ids.astype(np.int32)
+
+    def prefill(self, tokens: list[int], pos: int) -> np.ndarray:
+        """Logits (vocab,) of the last of `tokens` at positions pos..; the whole prompt goes
+        through each layer at once (matrix-matrix products) and fills the KV cache."""
+        ids = self._ids(tokens)
+        self._check(self._lib.bl_prefill(self._h, ids, ids.size, int(pos), self._logits))
+        return self._logits.copy()
+
     def forward_tokens(self, tokens: list[int], pos: int) -> np.ndarray:
-        """Logits (T, vocab) of tokens at positions pos.., one forward pass per token."""
-        return np.stack([self.forward(t, pos + i) for i, t in enumerate(tokens)])
+        """Logits (T, vocab) of tokens at positions pos.., all at once like prefill."""
+        ids = self._ids(tokens)
+        out = np.empty(max(ids.size, 1) * self.args.vocab_size, dtype=np.float32)
+        self._check(self._lib.bl_forward_batch(self._h, ids, ids.size, int(pos), out))
+        return out.reshape(ids.size, self.args.vocab_size)
+
+    def forward_sample(self, token: int, pos: int, temperature: float, topp: float,
+                       rng: XorShiftRng) -> int:
+        """The next token after `token` at `pos`: forward and sample in one C call (what a
+        per-token loop needs, without the logits crossing into Python)."""
+        state, tok = C.c_uint64(rng.state), C.c_int()
+        self._check(self._lib.bl_forward_sample(self._h, int(token), int(pos), temperature, topp,
+                                                C.byref(state), C.byref(tok)))
+        rng.state = state.value
+        return tok.value
 
     def sample(self, logits: np.ndarray, temperature: float, topp: float,
                rng: XorShiftRng) -> int:

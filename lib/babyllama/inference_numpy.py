@@ -193,7 +193,7 @@ class NumpyLlama:
         """Logits (T, vocab) of tokens at positions pos .. pos+T-1, all at once (matrix-matrix)."""
         a, T = self.args, len(tokens)
         if T == 0:
-            raise ValueError("forward_tokens needs at least one token")
+            raise ValueError("at least one token is needed (got an empty list)")
         if pos < 0 or pos + T > a.max_seq_len:
             raise ValueError(f"positions {pos}..{pos + T - 1} are outside the context "
                              f"[0, {a.max_seq_len})")
@@ -233,6 +233,16 @@ class NumpyLlama:
         """Logits (vocab_size,) of `token` at position `pos`; fills the KV cache at `pos`."""
         return self.forward_tokens([token], pos)[0]
 
+    def prefill(self, tokens: list[int], pos: int) -> np.ndarray:
+        """Logits (vocab_size,) of the last of `tokens`, the whole prompt at once; fills the KV
+        cache at positions pos..pos+len(tokens)-1."""
+        return self.forward_tokens(tokens, pos)[-1]
+
+    def forward_sample(self, token: int, pos: int, temperature: float, topp: float,
+                       rng: XorShiftRng) -> int:
+        """The next token after `token` at `pos` (CLlama does this in one C call)."""
+        return self.sample(self.forward(token, pos), temperature, topp, rng)
+
     def generate(self, prompt_ids: list[int], steps: int, temperature: float = 1.0,
                  topp: float = 0.9, seed: int | None = None, context_shift: bool = True,
                  n_keep: int = 1) -> Iterator[int]:
@@ -247,7 +257,7 @@ class NumpyLlama:
 def generate_loop(engine, prompt_ids: list[int], steps: int, temperature: float, topp: float,
                   seed: int | None, context_shift: bool = True, n_keep: int = 1
                   ) -> Iterator[int]:
-    """The loop both engines share: the prompt in one forward_tokens call, then one token at a
+    """The loop both engines share: the prompt in one prefill call, then one token at a
     time, each drawn with the engine's own sampler. With the context shift on, a prompt longer
     than the context keeps its first n_keep tokens and its newest ones (kept_after_shift);
     with it off, such a prompt is an error and steps stop at max_seq_len."""
@@ -260,7 +270,7 @@ def generate_loop(engine, prompt_ids: list[int], steps: int, temperature: float,
             raise ValueError(f"prompt of {len(prompt_ids)} tokens is longer than the context "
                              f"({seq_len}) and the context shift is off")
         steps = min(steps, seq_len)
-    ctx = Context(engine.forward_tokens, seq_len, n_keep, context_shift, engine.args.vocab_size)
+    ctx = Context(engine.prefill, seq_len, n_keep, context_shift, engine.args.vocab_size)
     rng = XorShiftRng(seed if seed is not None else random_seed())
     engine.reset()
     n = len(prompt_ids)

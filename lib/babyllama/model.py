@@ -220,6 +220,10 @@ class Transformer(nn.Module):
         x = torch.tensor([tokens], device=self.tok_embeddings.weight.device)
         return self(x, start_pos=pos, use_cache=True)[0][0]
 
+    def prefill(self, tokens: list[int], pos: int) -> torch.Tensor:
+        """Logits (vocab,) of the last of `tokens`; fills the KV cache for all of them."""
+        return self.forward_tokens(tokens, pos)[-1]
+
     @torch.inference_mode()
     def generate(self, prompt_ids: list[int], max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None,
@@ -242,7 +246,7 @@ class Transformer(nn.Module):
                              f"({seq_len}) and the context shift is off")
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         self.reset_cache()
-        ctx = Context(self.forward_tokens, seq_len, n_keep, context_shift,
+        ctx = Context(self.prefill, seq_len, n_keep, context_shift,
                       self.params.vocab_size)
         logits, out = ctx.feed(prompt_ids), []
         for _ in range(max_new_tokens):
