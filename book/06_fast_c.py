@@ -135,11 +135,13 @@ print(c_function(kernels, "dot4_f32"))
 #
 # The sum is added in a different order than NumPy's, so the results agree to rounding
 # (`rtol=1e-4`), not bit for bit. The int8 kernel of v2 files has the same shape; its inner
-# product over one group of `gs` int8 pairs is exact integer arithmetic, with SIMD branches for
-# groups that are multiples of 32 or 16 (we will need this in §6.5):
+# product over one group of `gs` int8 pairs is exact integer arithmetic. It lives in
+# `csrc/simd.h` with one branch per instruction set the build can select (`-DBL_SIMD=...`:
+# portable, AVX2, VNNI and an emulation of VNNI, NEON/sdot), each for groups that are multiples
+# of 32 or 16 (we will need this in §6.5; §6.7 explains the VNNI branch):
 
 # %%
-print(c_function(kernels, "idot"))
+print(c_function(paths.root / "csrc" / "simd.h", "idot"))
 
 # %% [markdown]
 # `babyllama.fast_c` compiles `csrc/` the first time it is needed (flags: `-O3
@@ -502,6 +504,156 @@ else:
 # `bench/bench_engines.py` times every engine side by side — C at 1 and 2 threads, NumPy and
 # PyTorch, prompt processing and generation separately — and saves a plot; with
 # `--llama2c DIR` it also runs llama2.c's own `run`/`runq` on the same files.
+
+# %% [markdown]
+# ## 6.6 Prefill: a prompt's tokens together
+#
+# A decoding step is a chain of matrix–vector products: every weight is loaded once and used
+# for one multiply-add, 2 flops per weight. In fp32 that is 2 flops per 4 bytes, an
+# *arithmetic intensity* of 0.5 flop/byte; in Q8_0 about 2 flops per 1.06 bytes. A core can do
+# far more arithmetic per second than that times its memory bandwidth, so decoding waits on
+# memory, and the best a step can do is bandwidth ÷ bytes per token.
+#
+# A prompt is different: all its tokens are known, so they can go through each layer together.
+# Then each matmul is matrix–matrix, `X (T, n) @ Wᵀ`, and every weight loaded serves T tokens:
+# 2T flops per weight. The *roofline* model puts the two limits in one picture: attainable
+# flop/s = min(peak flop/s, intensity × bandwidth). Below the ridge point a kernel is
+# memory-bound, above it compute-bound; batching the prompt moves prefill from the slanted part
+# of the roof to the flat one.
+#
+# `csrc/prefill.c` does this in blocks of up to 64 tokens. Its kernels (`bl_matmats_f32`,
+# `bl_matmats_q80` in `csrc/kernels.c`) keep a panel of weight rows in the L2 cache while all
+# the tokens pass over it, and inside the panel a 4-row × 3-token tile keeps 12 accumulators in
+# registers. Attention stays per token: token t of the block sees the KV cache up to its own
+# position (causal), which the block writes for all its tokens first. The classifier runs for
+# the last token only. Each (row, token) sum is added in the same order as the decoding
+# kernel's, so the logits are the very same numbers as token by token:
+
+# %%
+pf_engine = CLlama.load(files[0], threads=2)
+pf_prompt = np.random.default_rng(0).integers(3, pf_engine.args.vocab_size, 100).tolist()
+pf_ref = np.stack([pf_engine.forward(t, i) for i, t in enumerate(pf_prompt)])
+pf_engine.reset()
+pf_last = pf_engine.prefill(pf_prompt, 0)
+pf_engine.reset()
+pf_all = pf_engine.forward_tokens(pf_prompt, 0)
+print("prefill == token by token (last logits):", bool(np.abs(pf_last - pf_ref[-1]).max() < 1e-4))
+print("forward_tokens == token by token (all):  ", bool(np.abs(pf_all - pf_ref).max() < 1e-4))
+pf_np = NumpyLlama.load(files[2]).prefill(pf_prompt, 0)
+print("int8: NumPy prefill == C prefill:        ",
+      bool(np.abs(pf_np - CLlama.load(files[2]).prefill(pf_prompt, 0)).max() < 1e-3))
+
+# %% [markdown]
+# How fast? The book's model fits in the caches, so for this we take the stories15M shape
+# (random weights, 61 MB in fp32, the bench's files). We measure this machine's two roofs — the
+# read bandwidth of one core (a NumPy sum over 256 MB) and a compute peak (a large
+# single-precision matrix product, what a well-tuned BLAS reaches) — then our prefill at growing
+# batch sizes T, one thread, in flop/s: 2 × (weights in the matmuls) × T per call.
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+def pf_bandwidth(mb: int = 256) -> float:
+    a = np.ones(mb << 18, dtype=np.float32)
+    return a.nbytes / min(_time(a.sum) for _ in range(3))
+
+
+def _time(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def pf_peak(n: int = 1024) -> float:
+    a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+    return 2 * n**3 / min(_time(lambda: a @ a) for _ in range(3))
+
+
+sys.path.insert(0, str(paths.root / "bench"))
+import bench_engines  # noqa: E402
+
+pf_files = bench_engines.make_files("stories15M")   # {0: fp32, 2: int8}
+bw, peak = pf_bandwidth(), pf_peak()
+a_ = CLlama.load(pf_files[0], threads=1).args
+kv_dim = a_.n_kv_heads * a_.head_dim
+pf_weights = a_.n_layers * (2 * a_.dim * a_.dim + 2 * kv_dim * a_.dim + 3 * a_.dim * a_.hidden_dim)
+print(f"read bandwidth {bw / 1e9:.1f} GB/s, compute peak (NumPy matmul) {peak / 1e9:.0f} GFLOP/s, "
+      f"ridge at {peak / bw:.1f} flop/byte")
+pf_points = []
+for v, bytes_per_weight in ((0, 4.0), (2, 1.0 + 4 / 64)):
+    e = CLlama.load(pf_files[v], threads=1)
+    for T in (1, 2, 4, 8, 16, 32, 64):
+        toks = np.random.default_rng(T).integers(3, a_.vocab_size, T).tolist()
+        best = float("inf")
+        for _ in range(3):
+            e.reset()
+            best = min(best, _time(lambda e=e, toks=toks: e.prefill(toks, 0)))
+        flops = 2 * pf_weights * T   # the classifier (last token only) is left out of both
+        pf_points.append((v, T, 2 * T / bytes_per_weight, flops / best))
+        print(f"v{v} T={T:3}: intensity {2 * T / bytes_per_weight:6.1f} flop/byte, "
+              f"{flops / best / 1e9:6.2f} GFLOP/s, {T / best:8.0f} tok/s")
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+import matplotlib.pyplot as plt  # noqa: E402
+
+fig, ax = plt.subplots(figsize=(6.5, 4))
+xs = np.logspace(-1, 3, 200)
+ax.plot(xs, np.minimum(peak, xs * bw) / 1e9, "k-", lw=1.5, label="roofline (measured)")
+for v, name, color in ((0, "fp32", "tab:blue"), (2, "int8 Q8_0", "tab:orange")):
+    pts = [(i, f) for vv, _, i, f in pf_points if vv == v]
+    ax.plot([i for i, _ in pts], [f / 1e9 for _, f in pts], "o-", color=color,
+            label=f"our prefill, {name}, T = 1…64")
+ax.set_xscale("log")
+ax.set_yscale("log")
+ax.set_xlabel("arithmetic intensity (flop per weight byte)")
+ax.set_ylabel("GFLOP/s (one thread)")
+ax.set_title("Prefill on the roofline")
+ax.legend(fontsize=8)
+fig.tight_layout()
+plt.show()
+
+# %% [markdown]
+# At T = 1 both formats sit on the slanted roof: decoding is memory-bound, and int8's points
+# lie to the right of fp32's because the same flops need a quarter of the bytes. As T grows the
+# points climb until arithmetic limits them. Our Q8_0 kernel flattens out lower than fp32's:
+# with int8 every group of 64 products ends in a horizontal sum, a conversion and two float
+# multiplies, work a BLAS-style fp32 kernel does not have — which is where the integer
+# dot-product instructions below come in. `bench/bench_engines.py` prints the same comparison
+# for the 15M and 110M shapes, batched against token by token, beside llama2.c.
+#
+# ## 6.7 Integer dot products: VNNI and sdot
+#
+# A Q8_0 group is an exact integer dot product of int8 pairs. AVX2 has no int8 × int8 multiply:
+# `vpmaddubsw` multiplies *unsigned* bytes by signed ones and adds pairs into int16, then
+# `vpmaddwd` against ones widens to int32. That needs a sign trick — a·b = |a| · (b with a's
+# sign) — so |a| goes into the unsigned operand. AVX-512 VNNI and AVX-VNNI fold the three steps
+# into one instruction, `vpdpbusd`: four u8 × s8 products summed straight into each int32 lane,
+# with the same sign trick; ARM's `sdot` takes signed × signed directly. `csrc/simd.h` chooses
+# the path from the build target (`-march=native`) or from `-DBL_SIMD=portable|avx2|vnni|
+# vnni_emul|neon|sdot`. Every path gives exactly the same int32 group sums, so the tests build
+# the library once per path this CPU can run and compare the logits bit for bit; `vnni_emul`
+# runs the VNNI algorithm with `vpdpbusd` written out in C, so the sign trick is checked even on
+# CPUs without VNNI. Here is the instruction's arithmetic in NumPy:
+
+# %%
+def dpbusd(acc: np.ndarray, u: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """vpdpbusd on 8 int32 lanes: acc[l] += sum of u[4l:4l+4] (uint8) * s[4l:4l+4] (int8)."""
+    return acc + (u.astype(np.int32) * s.astype(np.int32)).reshape(8, 4).sum(axis=1)
+
+
+g = np.random.default_rng(1)
+a8 = g.integers(-127, 128, 32).astype(np.int8)   # quantized values lie in [-127, 127]
+b8 = g.integers(-127, 128, 32).astype(np.int8)
+u = np.abs(a8).astype(np.uint8)                          # |a|: fits an unsigned byte
+s = np.where(a8 < 0, -b8, np.where(a8 == 0, 0, b8)).astype(np.int8)   # b with a's sign
+lanes = dpbusd(np.zeros(8, dtype=np.int32), u, s)
+print("sign trick exact:", int(lanes.sum()) == int(a8.astype(np.int32) @ b8.astype(np.int32)))
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+from babyllama.fast_c import simd_path  # noqa: E402
+
+print("this library's int8 path:", simd_path())
 
 # %% [markdown]
 # ## Exercises
