@@ -31,6 +31,19 @@ def _positive(value: str) -> int:
     return n
 
 
+def _at_least(lo: int):
+    """An argparse type: an integer >= lo."""
+    def parse(value: str) -> int:
+        try:
+            n = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
+        if n < lo:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {n}")
+        return n
+    return parse
+
+
 def _writable(path: str) -> Path:
     """An output path whose directory exists (or can be made) and is writable."""
     p = Path(path)
@@ -185,7 +198,7 @@ def cmd_book(a) -> None:
 # ----------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    from babyllama.train import TrainConfig
+    from babyllama.train import INT_MIN, TrainConfig
 
     p = argparse.ArgumentParser(prog="babyllama", description="Rebuild llama2.c, end to end.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -224,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
         else:
             typ = {"int": int, "float": float, "int | None": int, "str": str}.get(str(f.type), str)
+            typ = _at_least(INT_MIN[f.name]) if f.name in INT_MIN else typ
             s.add_argument(flag, dest=f.name, type=typ, default=None,
                            help=f"default: {f.default}")
     s.add_argument("--out", dest="out_dir", default=None)
@@ -243,7 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-t", dest="temperature", type=float, default=1.0)
     s.add_argument("-p", dest="topp", type=float, default=0.9)
     s.add_argument("-s", dest="seed", type=int, default=0)
-    s.add_argument("-n", dest="steps", type=int, default=256)
+    s.add_argument("-n", dest="steps", type=_at_least(0), default=256,
+                   help="tokens to generate (0: up to the model's max_seq_len)")
     s.add_argument("--engine", choices=["c", "numpy", "torch"], default="c")
     s.add_argument("--threads", type=_positive, default=None)
     s.set_defaults(fn=cmd_generate)

@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from babyllama.checkpoints import read_checkpoint, state_checksum
 from babyllama.data import DATA_DIR, get_batch, load_shards, shard_dir
 from babyllama.model import PRESETS, ModelArgs, Transformer
 
@@ -76,6 +77,26 @@ class TrainConfig:
 
 class TrainingError(RuntimeError):
     pass
+
+
+# the least each integer setting may be (the command line checks the same bounds): a run that
+# asks for -1 iterations or 0 rows is a mistake, not a request to train nothing
+INT_MIN = {"batch_size": 1, "grad_accum": 1, "max_iters": 0, "eval_interval": 0, "eval_iters": 1,
+           "log_interval": 1, "warmup_iters": 0, "lr_decay_iters": 0, "vocab_size": 1,
+           "max_seq_len": 1, "threads": 1}
+FLOAT_MIN = {"learning_rate": 0.0, "min_lr": 0.0, "weight_decay": 0.0, "grad_clip": 0.0,
+             "dropout": 0.0}
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Reject settings out of range with the flag's name, before any work."""
+    bad = [f"{k} must be >= {lo}, got {getattr(cfg, k)}"
+           for k, lo in (*INT_MIN.items(), *FLOAT_MIN.items())
+           if getattr(cfg, k) is not None and not getattr(cfg, k) >= lo]   # catches NaN too
+    if not 0.0 <= cfg.dropout < 1.0:
+        bad.append(f"dropout must be in [0, 1), got {cfg.dropout}")
+    if bad:
+        raise TrainingError("bad training settings: " + "; ".join(bad))
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -132,13 +153,21 @@ def flops_per_token(args: ModelArgs, n_params: int) -> float:
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    """Write atomically: a crash mid-write leaves the previous checkpoint intact."""
+    """Write atomically, with a checksum of every tensor: a crash mid-write leaves the previous
+    checkpoint intact, and a failed write (disk full, ...) leaves no temporary behind."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())   # on disk before it replaces the old one
-    os.replace(tmp, path)
+    state = {**state, "checksum": state_checksum(state)}
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())   # on disk before it replaces the old one
+        os.replace(tmp, path)
+    except BaseException as e:   # disk full, Ctrl-C mid-write, a torch.save error
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno:   # say which file
+            raise OSError(e.errno, f"cannot write checkpoint: {e.strerror}", str(path)) from e
+        raise
 
 
 def saved_config(path: str | Path) -> dict:
@@ -146,7 +175,7 @@ def saved_config(path: str | Path) -> dict:
     path = Path(path)
     if not path.exists():
         raise TrainingError(f"--resume: no checkpoint at {path}")
-    cfg = torch.load(path, map_location="cpu", weights_only=True)["config"]
+    cfg = read_checkpoint(path).get("config", {})
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     return {k: v for k, v in cfg.items() if k in names}
 
@@ -193,13 +222,19 @@ def _train(cfg, resume, rank, world, master, out, ckpt_path) -> Path:
     if resume:
         if not ckpt_path.exists():
             raise TrainingError(f"--resume: no checkpoint at {ckpt_path}")
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        state = read_checkpoint(ckpt_path)
         saved = ModelArgs.from_dict(state["model_args"])
         if saved != cfg.model_args():
             raise TrainingError(f"{ckpt_path} was trained with a different model config:\n"
                                 f"  checkpoint: {saved}\n  requested:  {cfg.model_args()}")
+        missing = [k for k in ("optimizer", "config", "rng", "iter_num", "best_val_loss")
+                   if k not in state]
+        if missing:
+            raise TrainingError(f"{ckpt_path}: cannot resume from it: no {', '.join(missing)} "
+                                f"(a model-only checkpoint?)")
         keep = {k: v for k, v in state["config"].items() if k not in RUN_FIELDS}
         cfg = dataclasses.replace(cfg, **keep)
+    check_config(cfg)
     args = cfg.model_args()
     if cfg.batch_size % world:
         raise TrainingError(f"batch_size {cfg.batch_size} is not divisible by {world} processes")
