@@ -16,7 +16,10 @@ import argparse
 import dataclasses
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+
+import numpy as np
 
 from babyllama import data as D
 
@@ -125,7 +128,50 @@ def cmd_export(a) -> None:
         raise ValueError("export needs OUT.bin or --hf DIR")
 
 
+class TorchEngine:
+    """The PyTorch model behind the engines' interface: its forward pass with the KV cache, and
+    run.c's sampler (the NumPy one), so `--engine torch` samples, streams and stops as the
+    NumPy and C engines do."""
+
+    def __init__(self, model):
+        import torch
+
+        self.torch, self.model = torch, model.eval()
+        self.args = model.params
+
+    def reset(self) -> None:
+        self.model.reset_cache()
+
+    def forward_tokens(self, tokens: list[int], pos: int) -> np.ndarray:
+        with self.torch.inference_mode():
+            x = self.torch.tensor([tokens])
+            logits, _ = self.model(x, start_pos=pos, use_cache=True)
+        return logits[0].float().numpy()
+
+    def forward(self, token: int, pos: int) -> np.ndarray:
+        return self.forward_tokens([token], pos)[0]
+
+    def sample(self, logits: np.ndarray, temperature: float, topp: float, rng) -> int:
+        from babyllama.inference_numpy import sample
+
+        return sample(logits, temperature, topp, rng)
+
+    def generate(self, prompt_ids: list[int], steps: int, temperature: float = 1.0,
+                 topp: float = 0.9, seed: int | None = None) -> Iterator[int]:
+        from babyllama.inference_numpy import generate_loop
+
+        yield from generate_loop(self, prompt_ids, steps, temperature, topp, seed)
+
+
 def load_engine(path: str, engine: str, threads: int | None = None):
+    if engine == "torch":   # anything from_pretrained reads: ckpt.pt, a HF dir, a .bin
+        from babyllama.model import Transformer
+
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
+        return TorchEngine(Transformer.from_pretrained(path))
     if engine == "numpy":
         from babyllama.inference_numpy import NumpyLlama
 
@@ -141,20 +187,12 @@ def cmd_generate(a) -> None:
     from babyllama.tokenizer import Tokenizer
 
     seed = a.seed if a.seed > 0 else int(time.time())   # run.c: 0 means "from the clock"
-    if a.engine == "torch":
-        from babyllama.model import Transformer
-
-        model = Transformer.from_pretrained(a.model)
-        tok = Tokenizer.from_bin(a.tokenizer, model.params.vocab_size)
-        prompt = tok.encode(a.prompt, bos=True)
-        ids = model.generate(prompt, max(0, min(a.steps, model.params.max_seq_len) - len(prompt)
-                                         + 1), a.temperature, top_p=a.topp, seed=seed)
-    else:
-        engine = load_engine(a.model, a.engine, a.threads)
-        tok = Tokenizer.from_bin(a.tokenizer, engine.args.vocab_size)
-        prompt = tok.encode(a.prompt, bos=True)
-        ids = engine.generate(prompt, a.steps or engine.args.max_seq_len, a.temperature, a.topp,
-                              seed)
+    engine = load_engine(a.model, a.engine, a.threads)
+    tok = Tokenizer.from_bin(a.tokenizer, engine.args.vocab_size)
+    prompt = tok.encode(a.prompt, bos=True)
+    # a generator: the timer below covers the forward passes and sampling of every engine
+    ids = engine.generate(prompt, a.steps or engine.args.max_seq_len, a.temperature, a.topp,
+                          seed)
     sys.stdout.write(a.prompt)
     t0, n = time.perf_counter(), 0
     for piece in tok.stream(ids, prev=prompt[-1]):
