@@ -209,7 +209,16 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     out = Path(cfg.out_dir)
     ckpt_path = out / "ckpt.pt"
     try:
-        return _train(cfg, resume, rank, world, master, out, ckpt_path)
+        path = _train(cfg, resume, rank, world, master, out, ckpt_path)
+        if ddp:
+            # No rank leaves before all are done. DDP keeps gloo's worker threads alive past
+            # destroy_process_group, until the interpreter exits; a rank that left right after
+            # its last all_reduce (rank 1, while rank 0 writes the checkpoint) could still have
+            # a worker releasing that tensor, which takes the GIL, while Python finalizes: that
+            # thread is killed and the process aborts ("terminate called without an active
+            # exception", SIGABRT). After the barrier every worker is idle.
+            dist.barrier()
+        return path
     finally:
         if ddp:
             dist.destroy_process_group()
