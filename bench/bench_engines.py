@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-OUT = ROOT / "out" / "bench"
+OUT = Path(os.environ.get("BABYLLAMA_OUT") or ROOT / "out") / "bench"   # the tests: their own
 
 
 def make_files(shape: str) -> dict[int, Path]:
