@@ -209,7 +209,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     out = Path(cfg.out_dir)
     ckpt_path = out / "ckpt.pt"
     try:
-        path = _train(cfg, resume, rank, world, master, out, ckpt_path)
+        with _deterministic(cfg.device):
+            path = _train(cfg, resume, rank, world, master, out, ckpt_path)
         if ddp:
             # No rank leaves before all are done. DDP keeps gloo's worker threads alive past
             # destroy_process_group, until the interpreter exits; a rank that left right after
@@ -224,9 +225,26 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
             dist.destroy_process_group()
 
 
+@contextlib.contextmanager
+def _deterministic(device: str):
+    """On CPU, deterministic kernels only (oneDNN's too): a run and its resumed twin must
+    compute bit for bit the same, whatever else the machine is doing. Restored afterwards."""
+    if not device.startswith("cpu"):
+        yield
+        return
+    saved = (torch.are_deterministic_algorithms_enabled(),
+             torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.backends.mkldnn.deterministic)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.mkldnn.deterministic = True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+        torch.backends.mkldnn.deterministic = saved[2]
+
+
 def _train(cfg, resume, rank, world, master, out, ckpt_path) -> Path:
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     state = None
     if resume:
         if not ckpt_path.exists():
@@ -243,7 +261,13 @@ def _train(cfg, resume, rank, world, master, out, ckpt_path) -> Path:
                                 f"(a model-only checkpoint?)")
         keep = {k: v for k, v in state["config"].items() if k not in RUN_FIELDS}
         cfg = dataclasses.replace(cfg, **keep)
+        if cfg.threads is None:   # unless asked otherwise, the threads of the run it continues
+            cfg = dataclasses.replace(cfg, threads=state["config"].get("threads"))
     check_config(cfg)
+    # A CPU kernel may split a reduction by thread count: pin the count, whatever the load,
+    # and record it in the checkpoint so a resumed run computes exactly as the first one did
+    cfg = dataclasses.replace(cfg, threads=cfg.threads or torch.get_num_threads())
+    torch.set_num_threads(cfg.threads)
     args = cfg.model_args()
     if cfg.batch_size % world:
         raise TrainingError(f"batch_size {cfg.batch_size} is not divisible by {world} processes")
