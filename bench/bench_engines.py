@@ -39,8 +39,8 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-OUT = ROOT / "out" / "bench"
-TOKENIZER_MODEL = Path("/work/shared/data/llama2_tokenizer.model")   # for llama.cpp's GGUF
+OUT = Path(os.environ.get("BABYLLAMA_OUT") or ROOT / "out") / "bench"   # the tests: their own
+TOKENIZER_MODEL = ROOT.parent / "shared" / "data" / "llama2_tokenizer.model"   # for GGUF
 
 
 def make_files(shape: str) -> dict[int, Path]:

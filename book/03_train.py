@@ -7,7 +7,7 @@
 #       format_version: '1.3'
 #       jupytext_version: 1.19.6
 #   kernelspec:
-#     display_name: Python 3
+#     display_name: Python 3 (ipykernel)
 #     language: python
 #     name: python3
 # ---
@@ -410,7 +410,8 @@ for name, path in (("after 20 iterations", early), (f"after {cfg.max_iters} iter
 # %%
 from babyllama import data as D
 from babyllama.chat import encode_turn
-from babyllama.instruct import TorchEngine, answer, evaluate_requests
+from babyllama.chat import TorchEngine
+from babyllama.instruct import answer, evaluate_requests
 from babyllama.stories import generate_requests, is_held_out
 
 (req, story), = generate_requests(1, seed=0)

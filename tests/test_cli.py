@@ -63,15 +63,44 @@ def test_tokenizer_pretokenize_train_export_generate(tmp_path):
     r = bl("export", tmp_path / "run" / "ckpt.pt", "--hf", tmp_path / "hf")
     assert r.returncode == 0 and (tmp_path / "hf" / "model.safetensors").exists()
     outs = {}
-    for engine in ("numpy", "c"):
+    for engine in ("numpy", "c", "torch"):   # torch: the PyTorch forward, run.c's sampler
         r = bl("generate", tmp_path / "m0.bin", "-z", tmp_path / "tok.bin", "-i", "Once upon",
                "-t", 0.9, "-s", 5, "-n", 40, "--engine", engine)
         assert r.returncode == 0, r.stderr
         outs[engine] = r.stdout
-    assert outs["numpy"] == outs["c"] and outs["c"].startswith("Once upon")
+        n = len(r.stdout) - len("Once upon\n")
+        assert f"[{engine}: " in r.stderr and (n == 0) == (f"[{engine}: 0 pieces" in r.stderr)
+    assert outs["numpy"] == outs["c"] == outs["torch"] and outs["c"].startswith("Once upon")
     r = bl("generate", tmp_path / "hf", "-z", tmp_path / "tok.bin", "-i", "Once", "-n", 20,
            "--engine", "torch", "-s", 1)
     assert r.returncode == 0 and r.stdout.startswith("Once"), r.stderr
     r = bl("generate", tmp_path / "m0.bin", "-z", tmp_path / "tok.bin", "-t", -1,
            "--engine", "numpy")
     assert r.returncode == 1 and "temperature must be >= 0" in r.stderr
+
+
+
+def test_torch_engine_is_lazy_and_shares_the_sampler(monkeypatch):
+    """`generate --engine torch` times the work it does: nothing runs before the first token is
+    asked for; and it draws each token with run.c's sampler, as the NumPy engine does."""
+    import numpy as np
+    from helpers import scaled_model
+
+    from babyllama import inference_numpy as N
+    from babyllama.chat import TorchEngine
+    from babyllama.model import PRESETS
+
+    engine = TorchEngine(scaled_model(PRESETS["stories260K"], scale=20.0))
+    calls, drawn = [], []
+    real = engine.forward_tokens
+    monkeypatch.setattr(engine, "forward_tokens", lambda t, p: calls.append(p) or real(t, p))
+
+    def argmax_sample(logits, temperature, topp, rng):
+        drawn.append(logits)
+        return int(np.argmax(logits))
+
+    monkeypatch.setattr(N, "sample", argmax_sample)
+    ids = engine.generate([1, 403, 261], 20, temperature=1.0, topp=0.9, seed=3)
+    assert calls == []
+    first = next(ids)
+    assert calls == [0] and len(drawn) == 1 and first == int(np.argmax(drawn[0]))

@@ -2,6 +2,7 @@
 
     from babyllama.book import Paths, ensure_model
     p = Paths.find()            # out/ beside pyproject.toml, wherever the notebook runs
+                                # (or $BABYLLAMA_OUT: the tests' own directory)
     ckpt = ensure_model(p)      # trains the 'book' preset if out/book/ckpt.pt is missing
 
 A chapter run on its own builds what earlier chapters would have built; run in order, each
@@ -10,9 +11,13 @@ reuses the previous chapter's files.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
+# where the artifacts go instead of out/ when set: `make test` points it at a directory of its
+# own, so the tests never overwrite what `make run` made
+OUT_ENV = "BABYLLAMA_OUT"
 VOCAB = 512
 BOOK_ITERS = 300           # x 8 windows x 256 tokens = 614k tokens: about a minute on 2 cores
 BOOK_BATCH = 8             # for a fixed number of tokens, more and smaller steps learn faster
@@ -40,7 +45,8 @@ class Paths:
 
     @property
     def out(self) -> Path:
-        return self.root / "out"
+        return Path(os.environ[OUT_ENV]).resolve() if os.environ.get(OUT_ENV) else \
+            self.root / "out"
 
     @property
     def data(self) -> Path:

@@ -111,22 +111,35 @@ class ChatSession:
 
 
 class TorchEngine:
-    """A PyTorch Transformer behind the engines' interface, sampled with run.c's sampler
-    (so a seed means the same tokens as with the NumPy engine)."""
+    """A PyTorch Transformer behind the engines' interface (forward, prefill, generate), sampled
+    with run.c's sampler, so `--engine torch` samples, streams and stops as NumPy and C do, and
+    a seed means the same tokens."""
 
     def __init__(self, model):
-        self.model, self.args = model, model.params
+        self.model, self.args = model.eval(), model.params
 
     def reset(self) -> None:
         self.model.reset_cache()
 
-    def forward_tokens(self, tokens: list[int], pos: int):
+    def forward_tokens(self, tokens: list[int], pos: int):   # model.forward_tokens: no grad
         return self.model.forward_tokens(tokens, pos).float().numpy()
 
     def prefill(self, tokens: list[int], pos: int):
-        return self.model.prefill(tokens, pos).float().numpy()
+        return self.forward_tokens(tokens, pos)[-1]
+
+    def forward(self, token: int, pos: int):
+        return self.forward_tokens([token], pos)[0]
 
     def sample(self, logits, temperature: float, topp: float, rng) -> int:
         from babyllama.inference_numpy import sample
 
         return sample(logits, temperature, topp, rng)
+
+    def generate(self, prompt_ids: list[int], steps: int, temperature: float = 1.0,
+                 topp: float = 0.9, seed: int | None = None, context_shift: bool = True,
+                 n_keep: int = 1):
+        """Tokens after the prompt, as NumpyLlama.generate (the same shared loop)."""
+        from babyllama.inference_numpy import generate_loop
+
+        yield from generate_loop(self, prompt_ids, steps, temperature, topp, seed,
+                                 context_shift, n_keep)

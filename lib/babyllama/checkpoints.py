@@ -14,6 +14,7 @@ refused with a CheckpointError rather than loaded as a different model.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -34,6 +35,52 @@ def _torch_load(path: Path, mmap: bool = False) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:   # pickle errors come in many types; report which file and why
         raise CheckpointError(f"{path}: cannot load as a weights-only torch checkpoint: {e}") from e
+
+
+# ----------------------------------------------------------------------------------------------
+# our training checkpoints carry a checksum: torch.load does not verify the archive's CRCs, so a
+# flipped byte in a weight would otherwise load silently
+
+def state_checksum(state: dict) -> str:
+    """SHA-256 over every value in a checkpoint (but its "checksum"): tensors by their bytes,
+    dtype and shape, everything else by its repr, each under its key path."""
+    h = hashlib.sha256()
+
+    def walk(key: str, v) -> None:
+        if isinstance(v, torch.Tensor):
+            t = v.detach().cpu().contiguous().reshape(-1)
+            h.update(f"{key}:{v.dtype}:{tuple(v.shape)}\n".encode())
+            h.update(t.view(torch.uint8).numpy())
+        elif isinstance(v, dict):
+            for k in sorted(v, key=str):
+                if not (key == "" and k == "checksum"):
+                    walk(f"{key}/{k}", v[k])
+        elif isinstance(v, (list, tuple)):
+            for i, x in enumerate(v):
+                walk(f"{key}/{i}", x)
+        else:
+            h.update(f"{key}={v!r}\n".encode())
+
+    walk("", state)
+    return h.hexdigest()
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """A training checkpoint (ckpt.pt), loaded weights-only and checked against its checksum."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    state = _torch_load(path)
+    if not isinstance(state, dict) or "model" not in state or "model_args" not in state:
+        raise CheckpointError(f"{path}: not a babyllama checkpoint (expected keys 'model' and "
+                              f"'model_args')")
+    if "checksum" in state:   # checkpoints written before checksums have none
+        found = state_checksum(state)
+        if state["checksum"] != found:
+            raise CheckpointError(f"{path}: corrupt checkpoint: its checksum does not match its "
+                                  f"contents (stored {str(state['checksum'])[:16]}..., computed "
+                                  f"{found[:16]}...)")
+    return state
 
 
 # ----------------------------------------------------------------------------------------------
@@ -169,10 +216,7 @@ def load(cls, path: Path) -> Transformer:
         raise CheckpointError(f"{path}: no such checkpoint")
     if path.suffix == ".bin" and _is_llama2c(path):
         return load_llama2c(path)
-    ckpt = _torch_load(path)
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
-        raise CheckpointError(f"{path}: not a babyllama checkpoint (expected keys 'model' and "
-                              f"'model_args')")
+    ckpt = read_checkpoint(path)
     sd = {k.removeprefix("_orig_mod.").removeprefix("module."): v
           for k, v in ckpt["model"].items()}
     return build(ModelArgs.from_dict(ckpt["model_args"]), sd, path)

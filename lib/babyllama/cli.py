@@ -35,6 +35,19 @@ def _positive(value: str) -> int:
     return n
 
 
+def _at_least(lo: int):
+    """An argparse type: an integer >= lo."""
+    def parse(value: str) -> int:
+        try:
+            n = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
+        if n < lo:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {n}")
+        return n
+    return parse
+
+
 def _writable(path: str) -> Path:
     """An output path whose directory exists (or can be made) and is writable."""
     p = Path(path)
@@ -130,6 +143,16 @@ def cmd_export(a) -> None:
 
 
 def load_engine(path: str, engine: str, threads: int | None = None):
+    if engine == "torch":   # anything from_pretrained reads: ckpt.pt, a HF dir, a .bin
+        from babyllama.model import Transformer
+
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
+        from babyllama.chat import TorchEngine
+
+        return TorchEngine(Transformer.from_pretrained(path))
     if engine == "numpy":
         from babyllama.inference_numpy import NumpyLlama
 
@@ -145,23 +168,13 @@ def cmd_generate(a) -> None:
     from babyllama.tokenizer import Tokenizer
 
     seed = a.seed if a.seed > 0 else int(time.time())   # run.c: 0 means "from the clock"
+    engine = load_engine(a.model, a.engine, a.threads)
+    tok = Tokenizer.from_bin(a.tokenizer, engine.args.vocab_size)
+    prompt = tok.encode(a.prompt, bos=True)
+    # a generator: the timer covers the forward passes and sampling of every engine
     t0 = time.perf_counter()
-    if a.engine == "torch":
-        from babyllama.model import Transformer
-
-        model = Transformer.from_pretrained(a.model)
-        tok = Tokenizer.from_bin(a.tokenizer, model.params.vocab_size)
-        prompt = tok.encode(a.prompt, bos=True)
-        t0 = time.perf_counter()
-        ids = model.generate(prompt, max(0, min(a.steps, model.params.max_seq_len) - len(prompt)
-                                         + 1), a.temperature, top_p=a.topp, seed=seed)
-    else:
-        engine = load_engine(a.model, a.engine, a.threads)
-        tok = Tokenizer.from_bin(a.tokenizer, engine.args.vocab_size)
-        prompt = tok.encode(a.prompt, bos=True)
-        t0 = time.perf_counter()
-        ids = engine.generate(prompt, a.steps or engine.args.max_seq_len, a.temperature, a.topp,
-                              seed)
+    ids = engine.generate(prompt, a.steps or engine.args.max_seq_len, a.temperature, a.topp,
+                          seed)
     first: list[float] = []   # when the first new token arrived: the prompt's time ends there
 
     def timed(ids):
@@ -200,16 +213,11 @@ def cmd_chat(a) -> None:
     import itertools
     import os
 
-    from babyllama.chat import ChatSession, TorchEngine
+    from babyllama.chat import ChatSession
     from babyllama.tokenizer import Tokenizer
 
     seed = a.seed if a.seed > 0 else int(time.time())   # run.c: 0 means "from the clock"
-    if a.engine == "torch":
-        from babyllama.model import Transformer
-
-        engine = TorchEngine(Transformer.from_pretrained(a.model).eval())
-    else:
-        engine = load_engine(a.model, a.engine, a.threads)
+    engine = load_engine(a.model, a.engine, a.threads)
     tok = Tokenizer.from_bin(a.tokenizer, engine.args.vocab_size)
     if a.keep < 0:
         raise ValueError(f"-k must be >= 0 (0 = no context shift), got {a.keep}")
@@ -322,7 +330,7 @@ def book_chat(p, tok) -> None:
 # ----------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    from babyllama.train import TrainConfig
+    from babyllama.train import INT_MIN, TrainConfig
 
     p = argparse.ArgumentParser(prog="babyllama", description="Rebuild llama2.c, end to end.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -361,6 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
         else:
             typ = {"int": int, "float": float, "int | None": int, "str": str}.get(str(f.type), str)
+            typ = _at_least(INT_MIN[f.name]) if f.name in INT_MIN else typ
             s.add_argument(flag, dest=f.name, type=typ, default=None,
                            help=f"default: {f.default}")
     s.add_argument("--out", dest="out_dir", default=None)
@@ -388,7 +397,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-t", dest="temperature", type=float, default=1.0)
     s.add_argument("-p", dest="topp", type=float, default=0.9)
     s.add_argument("-s", dest="seed", type=int, default=0)
-    s.add_argument("-n", dest="steps", type=int, default=256)
+    s.add_argument("-n", dest="steps", type=_at_least(0), default=256,
+                   help="tokens to generate (0: up to the model's max_seq_len)")
     s.add_argument("--engine", choices=["c", "numpy", "torch"], default="c")
     s.add_argument("--threads", type=_positive, default=None)
     s.set_defaults(fn=cmd_generate)

@@ -8,8 +8,7 @@
 
 The requests evaluated are held out by construction (stories.is_held_out): their (name, animal,
 object) combinations never occur in fine-tuning data. Works with any engine that has the shared
-`generate` interface (NumPy, C, or TorchEngine over a PyTorch model); torch is imported only
-by TorchEngine.
+`generate` interface (NumPy, C, or babyllama.chat.TorchEngine over a PyTorch model).
 """
 
 from __future__ import annotations
@@ -20,22 +19,6 @@ from babyllama.chat import encode_turn
 from babyllama.stories import Request, generate_requests, honours
 
 EVAL_SEED = 0
-
-
-class TorchEngine:
-    """The engines' `generate` interface over a PyTorch Transformer (chapter 03 has no other
-    engine yet); same steps policy: positions counted with the prompt, clamped to the context."""
-
-    def __init__(self, model):
-        self.model, self.args = model.eval(), model.params
-
-    def generate(self, prompt_ids: list[int], steps: int, temperature: float = 1.0,
-                 topp: float = 0.9, seed: int | None = None):
-        import torch
-
-        new = max(0, min(steps, self.args.max_seq_len) - len(prompt_ids) + 1)
-        with torch.no_grad():
-            yield from self.model.generate(prompt_ids, new, temperature, top_p=topp, seed=seed)
 
 
 def answer(engine, tok, request: str, temperature: float = 0.0, topp: float = 0.9,

@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from babyllama.checkpoints import read_checkpoint, state_checksum
 from babyllama.data import (
     DATA_DIR,
     REQUEST_SEEDS,
@@ -87,6 +88,26 @@ class TrainingError(RuntimeError):
     pass
 
 
+# the least each integer setting may be (the command line checks the same bounds): a run that
+# asks for -1 iterations or 0 rows is a mistake, not a request to train nothing
+INT_MIN = {"batch_size": 1, "grad_accum": 1, "max_iters": 0, "eval_interval": 0, "eval_iters": 1,
+           "log_interval": 1, "warmup_iters": 0, "lr_decay_iters": 0, "vocab_size": 1,
+           "max_seq_len": 1, "threads": 1}
+FLOAT_MIN = {"learning_rate": 0.0, "min_lr": 0.0, "weight_decay": 0.0, "grad_clip": 0.0,
+             "dropout": 0.0}
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Reject settings out of range with the flag's name, before any work."""
+    bad = [f"{k} must be >= {lo}, got {getattr(cfg, k)}"
+           for k, lo in (*INT_MIN.items(), *FLOAT_MIN.items())
+           if getattr(cfg, k) is not None and not getattr(cfg, k) >= lo]   # catches NaN too
+    if not 0.0 <= cfg.dropout < 1.0:
+        bad.append(f"dropout must be in [0, 1), got {cfg.dropout}")
+    if bad:
+        raise TrainingError("bad training settings: " + "; ".join(bad))
+
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # what a resumed run may change; every other field is the checkpoint's, so the run continues
 # exactly as it would have
@@ -141,13 +162,21 @@ def flops_per_token(args: ModelArgs, n_params: int) -> float:
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    """Write atomically: a crash mid-write leaves the previous checkpoint intact."""
+    """Write atomically, with a checksum of every tensor: a crash mid-write leaves the previous
+    checkpoint intact, and a failed write (disk full, ...) leaves no temporary behind."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())   # on disk before it replaces the old one
-    os.replace(tmp, path)
+    state = {**state, "checksum": state_checksum(state)}
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())   # on disk before it replaces the old one
+        os.replace(tmp, path)
+    except BaseException as e:   # disk full, Ctrl-C mid-write, a torch.save error
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno:   # say which file
+            raise OSError(e.errno, f"cannot write checkpoint: {e.strerror}", str(path)) from e
+        raise
 
 
 def saved_config(path: str | Path) -> dict:
@@ -155,7 +184,7 @@ def saved_config(path: str | Path) -> dict:
     path = Path(path)
     if not path.exists():
         raise TrainingError(f"--resume: no checkpoint at {path}")
-    cfg = torch.load(path, map_location="cpu", weights_only=True)["config"]
+    cfg = read_checkpoint(path).get("config", {})
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     return {k: v for k, v in cfg.items() if k in names}
 
@@ -189,27 +218,66 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     out = Path(cfg.out_dir)
     ckpt_path = out / "ckpt.pt"
     try:
-        return _train(cfg, resume, rank, world, master, out, ckpt_path)
+        with _deterministic(cfg.device):
+            path = _train(cfg, resume, rank, world, master, out, ckpt_path)
+        if ddp:
+            # No rank leaves before all are done. DDP keeps gloo's worker threads alive past
+            # destroy_process_group, until the interpreter exits; a rank that left right after
+            # its last all_reduce (rank 1, while rank 0 writes the checkpoint) could still have
+            # a worker releasing that tensor, which takes the GIL, while Python finalizes: that
+            # thread is killed and the process aborts ("terminate called without an active
+            # exception", SIGABRT). After the barrier every worker is idle.
+            dist.barrier()
+        return path
     finally:
         if ddp:
             dist.destroy_process_group()
 
 
+@contextlib.contextmanager
+def _deterministic(device: str):
+    """On CPU, deterministic kernels only (oneDNN's too): a run and its resumed twin must
+    compute bit for bit the same, whatever else the machine is doing. Restored afterwards."""
+    if not device.startswith("cpu"):
+        yield
+        return
+    saved = (torch.are_deterministic_algorithms_enabled(),
+             torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.backends.mkldnn.deterministic)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.mkldnn.deterministic = True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+        torch.backends.mkldnn.deterministic = saved[2]
+
+
 def _train(cfg, resume, rank, world, master, out, ckpt_path) -> Path:
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     state = None
     if resume:
         if not ckpt_path.exists():
             raise TrainingError(f"--resume: no checkpoint at {ckpt_path}")
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        state = read_checkpoint(ckpt_path)
         saved = ModelArgs.from_dict(state["model_args"])
         if saved != cfg.model_args():
             raise TrainingError(f"{ckpt_path} was trained with a different model config:\n"
                                 f"  checkpoint: {saved}\n  requested:  {cfg.model_args()}")
+        missing = [k for k in ("optimizer", "config", "rng", "iter_num", "best_val_loss")
+                   if k not in state]
+        if missing:
+            raise TrainingError(f"{ckpt_path}: cannot resume from it: no {', '.join(missing)} "
+                                f"(a model-only checkpoint?)")
         names = {f.name for f in dataclasses.fields(cfg)}
         keep = {k: v for k, v in state["config"].items() if k not in RUN_FIELDS and k in names}
         cfg = dataclasses.replace(cfg, **keep)
+        if cfg.threads is None:   # unless asked otherwise, the threads of the run it continues
+            cfg = dataclasses.replace(cfg, threads=state["config"].get("threads"))
+    check_config(cfg)
+    # A CPU kernel may split a reduction by thread count: pin the count, whatever the load,
+    # and record it in the checkpoint so a resumed run computes exactly as the first one did
+    cfg = dataclasses.replace(cfg, threads=cfg.threads or torch.get_num_threads())
+    torch.set_num_threads(cfg.threads)
     args = cfg.model_args()
     if cfg.batch_size % world:
         raise TrainingError(f"batch_size {cfg.batch_size} is not divisible by {world} processes")
