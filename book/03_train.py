@@ -409,8 +409,7 @@ for name, path in (("after 20 iterations", early), (f"after {cfg.max_iters} iter
 
 # %%
 from babyllama import data as D
-from babyllama.chat import encode_turn
-from babyllama.chat import TorchEngine
+from babyllama.chat import TorchEngine, encode_turn
 from babyllama.instruct import answer, evaluate_requests
 from babyllama.stories import generate_requests, is_held_out
 
