@@ -122,19 +122,60 @@ static int parse_header(const unsigned char *p, size_t size, Config *c, size_t *
     return BL_OK;
 }
 
+/* a * b and a + b saturated at SIZE_MAX, which no file can have: each field is at most 2^20,
+ * yet 2^20 layers of 2^20 x 2^20 matrices do not fit in 64 bits, and a size that wrapped
+ * around could match the file's and take pointers far past the mapping */
+static size_t mul_sz(size_t a, size_t b) { return a && b > SIZE_MAX / a ? SIZE_MAX : a * b; }
+static size_t add_sz(size_t a, size_t b) { return b > SIZE_MAX - a ? SIZE_MAX : a + b; }
+
 /* bytes of a matrix of n values in this file's format */
 static size_t mat_bytes(const Config *c, size_t n) {
-    return c->version == 2 ? n + 4 * (n / (size_t)c->group_size) : 4 * n;
+    return c->version == 2 ? add_sz(n, mul_sz(4, n / (size_t)c->group_size)) : mul_sz(4, n);
 }
 
+/* bytes after the header, or SIZE_MAX when that does not fit in a size_t */
 static size_t payload_size(const Config *c) {
     size_t L = c->n_layers, dim = c->dim, hd = c->dim / c->n_heads, kv = c->n_kv_heads * hd;
     size_t hid = c->hidden_dim, V = c->vocab_size;
-    size_t norms = 4 * (2 * L * dim + dim);
-    size_t mats = L * (mat_bytes(c, dim * dim) * 2 + mat_bytes(c, kv * dim) * 2 + mat_bytes(c, hid * dim) * 3);
-    size_t emb = mat_bytes(c, V * dim) * (c->shared ? 1 : 2);
-    size_t rope = c->version == 0 ? 2 * 4 * (size_t)c->seq_len * (hd / 2) : 0;
-    return norms + mats + emb + rope;
+    size_t norms = mul_sz(4, add_sz(mul_sz(2 * L, dim), dim));
+    size_t layer = add_sz(add_sz(mul_sz(mat_bytes(c, mul_sz(dim, dim)), 2), mul_sz(mat_bytes(c, mul_sz(kv, dim)), 2)),
+                          mul_sz(mat_bytes(c, mul_sz(hid, dim)), 3));
+    size_t emb = mul_sz(mat_bytes(c, mul_sz(V, dim)), c->shared ? 1 : 2);
+    size_t rope = c->version == 0 ? mul_sz(8 * (size_t)c->seq_len, hd / 2) : 0;
+    return add_sz(add_sz(norms, mul_sz(L, layer)), add_sz(emb, rope));
+}
+
+/* v2: every scale finite, or an error naming the tensor and the offset (a NaN scale would
+ * turn into int8 garbage in C and NaN in NumPy); memcpy, as the scales need not be aligned */
+static int check_scales(bl_model *m, const bl_mat *w, size_t n, const char *name, int layer) {
+    const unsigned char *s = (const unsigned char *)w->q.s;
+    for (size_t g = 0; g < n / (size_t)m->c.group_size; g++) {
+        float v;
+        memcpy(&v, s + 4 * g, 4);
+        if (isfinite(v)) continue;
+        char full[48];
+        if (layer >= 0) snprintf(full, sizeof full, "layers.%d.%s", layer, name);
+        else snprintf(full, sizeof full, "%s", name);
+        return bl_fail(m->err, sizeof m->err, BL_ERR_FORMAT, "offset %zu: %s has a scale that is not finite (%g)",
+                       (size_t)(s + 4 * g - (const unsigned char *)m->map), full, v);
+    }
+    return BL_OK;
+}
+
+static int check_all_scales(bl_model *m, const bl_mat *emb) {
+    const Config *c = &m->c;
+    size_t dim = c->dim, kv = (size_t)c->n_kv_heads * (dim / c->n_heads), hid = c->hidden_dim;
+    static const char *names[7] = {"wq", "wk", "wv", "wo", "w1", "w2", "w3"};
+    const size_t sizes[7] = {dim * dim, kv * dim, kv * dim, dim * dim, hid * dim, dim * hid, hid * dim};
+    int rc = check_scales(m, emb, (size_t)c->vocab_size * dim, "tok_embeddings", -1);
+    for (int k = 0; k < 7 && rc == BL_OK; k++)   /* in file order: each kind for all layers */
+        for (int l = 0; l < c->n_layers && rc == BL_OK; l++) {
+            const Layer *w = &m->layers[l];
+            const bl_mat *mats[7] = {&w->wq, &w->wk, &w->wv, &w->wo, &w->w1, &w->w2, &w->w3};
+            rc = check_scales(m, mats[k], sizes[k], names[k], l);
+        }
+    if (rc == BL_OK && !c->shared) rc = check_scales(m, &m->output, (size_t)c->vocab_size * dim, "output", -1);
+    return rc;
 }
 
 /* take the next tensor of n values from the mapping */
@@ -187,6 +228,8 @@ static int map_weights(bl_model *m) {
     if (c->shared) m->output = emb;
     else take_mat(c, &p, &m->output, V * dim);
     if (c->version == 2) {   /* runq.c keeps an fp32 copy of the embeddings to look rows up */
+        int rc = check_all_scales(m, &emb);
+        if (rc != BL_OK) return rc;
         m->tok_embeddings = malloc(V * dim * sizeof(float));
         if (!m->tok_embeddings) return bl_fail(m->err, sizeof m->err, BL_ERR_NOMEM, "out of memory");
         m->owns_embeddings = 1;
@@ -246,12 +289,18 @@ static void rope_tables(bl_model *m) {
 int bl_model_open(const char *path, int threads, bl_model **out, char *err, size_t errlen) {
     if (!path || !out) return bl_fail(err, errlen, BL_ERR_ARG, "null argument");
     *out = NULL;
-    int fd = open(path, O_RDONLY);
+    /* non-blocking, so that opening a FIFO returns at once; then only a regular file is read */
+    int fd = open(path, O_RDONLY | O_NONBLOCK);
     if (fd < 0) return bl_fail(err, errlen, BL_ERR_IO, "%s: cannot open: %s", path, strerror(errno));
     struct stat st;
     if (fstat(fd, &st) != 0) {
         close(fd);
         return bl_fail(err, errlen, BL_ERR_IO, "%s: cannot stat: %s", path, strerror(errno));
+    }
+    if (!S_ISREG(st.st_mode)) {
+        close(fd);
+        return bl_fail(err, errlen, BL_ERR_IO, "%s: not a regular file (%s)", path,
+                       S_ISDIR(st.st_mode) ? "a directory" : S_ISFIFO(st.st_mode) ? "a FIFO" : "a device or socket");
     }
     size_t size = (size_t)st.st_size;
     unsigned char head[HEADER_V1] = {0};
@@ -261,8 +310,11 @@ int bl_model_open(const char *path, int threads, bl_model **out, char *err, size
     char msg[400];
     int rc = parse_header(head, got < 0 ? 0 : (size_t)got, &c, &header, msg, sizeof msg);
     if (rc == BL_OK) {
-        size_t want = header + payload_size(&c);
-        if (want != size)
+        size_t want = add_sz(header, payload_size(&c));
+        if (want == SIZE_MAX)
+            rc = bl_fail(msg, sizeof msg, BL_ERR_FORMAT, "the header describes a file of more than %zu bytes (v%d), but the file has %zu bytes",
+                      want, c.version, size);
+        else if (want != size)
             rc = bl_fail(msg, sizeof msg, BL_ERR_FORMAT, "the header describes a %zu-byte file (v%d), but the file has %zu bytes%s",
                       want, c.version, size, size < want ? " (truncated?)" : "");
     }
@@ -355,9 +407,9 @@ static inline double exp_neg(double x) {
     p = MADD(p, r, 1.0);
     /* 2^k: k + 1.5 * 2^52 holds k in its low mantissa bits; move k + 1023 to the exponent */
     double t = k + 6755399441055744.0;
-    int64_t bits;
+    uint64_t bits;   /* unsigned: a NaN input (k is NaN) shifts garbage bits, not UB, and p is NaN */
     memcpy(&bits, &t, sizeof bits);
-    bits = (bits - 0x4338000000000000LL + 1023) << 52;
+    bits = (bits - 0x4338000000000000ULL + 1023) << 52;
     double scale;
     memcpy(&scale, &bits, sizeof scale);
     return p * scale;
@@ -565,11 +617,21 @@ static int compare_prob(const void *a, const void *b) {
     return (x->index > y->index) - (x->index < y->index);
 }
 
+/* the first of the largest values of x (n,): the greedy choice */
+static int argmax(const float *x, int n) {
+    int best = 0;
+    for (int i = 1; i < n; i++) if (x[i] > x[best]) best = i;
+    return best;
+}
+
 static int sample_topp(const float *probs, int n, float topp, ProbIndex *pi, float coin) {
+    if (n == 1) return 0;
     const float cutoff = (1.0f - topp) / (n - 1);   /* below it a token cannot be in the nucleus */
     int n0 = 0;
     for (int i = 0; i < n; i++)
         if (probs[i] >= cutoff) { pi[n0].index = i; pi[n0].prob = probs[i]; n0++; }
+    /* none: then topp < 1/n <= the top probability, and the top token alone is the nucleus */
+    if (n0 == 0) return argmax(probs, n);
     qsort(pi, n0, sizeof(ProbIndex), compare_prob);
     float cumulative = 0.0f;
     int last = n0 - 1;
@@ -591,10 +653,16 @@ int bl_sample(bl_model *m, const float *logits, float temperature, float topp,
     int n = m->c.vocab_size;
     if (!(temperature >= 0.0f)) return bl_fail(m->err, sizeof m->err, BL_ERR_ARG, "temperature must be >= 0, got %g", temperature);
     if (!(topp > 0.0f && topp <= 1.0f)) return bl_fail(m->err, sizeof m->err, BL_ERR_ARG, "topp must be in (0, 1], got %g", topp);
-    if (temperature == 0.0f) {
-        int best = 0;
-        for (int i = 1; i < n; i++) if (logits[i] > logits[best]) best = i;
-        *token = best;
+    float amax = 0.0f;   /* the largest |logit|, and no NaN or infinity among them */
+    for (int i = 0; i < n; i++) {
+        if (!isfinite(logits[i]))
+            return bl_fail(m->err, sizeof m->err, BL_ERR_NONFINITE, "logit of token %d is %g, not finite: NaN or infinite weights or activations",
+                           i, logits[i]);
+        amax = fabsf(logits[i]) > amax ? fabsf(logits[i]) : amax;
+    }
+    /* a temperature so small that logits / temperature overflows is greedy, its limit */
+    if (temperature == 0.0f || !isfinite(amax / temperature)) {
+        *token = argmax(logits, n);
         return BL_OK;
     }
     float *probs = m->probs;
@@ -635,7 +703,11 @@ int bl_generate(bl_model *m, const int *prompt, int n_prompt, int steps, float t
     for (int pos = 0; pos < n_prompt; pos++)
         if ((rc = bl_forward(m, prompt[pos], pos, m->logits)) != BL_OK) return rc;
     for (int pos = n_prompt;; pos++) {
-        if ((rc = bl_sample(m, m->logits, temperature, topp, &rng, &next)) != BL_OK) return rc;
+        if ((rc = bl_sample(m, m->logits, temperature, topp, &rng, &next)) != BL_OK) {
+            char msg[sizeof m->err];
+            memcpy(msg, m->err, sizeof msg);
+            return rc == BL_ERR_NONFINITE ? bl_fail(m->err, sizeof m->err, rc, "the logits at position %d: %s", pos - 1, msg) : rc;
+        }
         if (next == 1 || next == 2) break;   /* BOS or EOS: the story is over */
         count++;
         if (n_generated) *n_generated = count;
