@@ -229,7 +229,7 @@ int bl_encode(bl_tokenizer *t, const char *text, int bos, int eos, int *tokens, 
     }
     /* merge the best-scoring adjacent pair until none is in the vocabulary; ties: leftmost */
     for (;;) {
-        float best = -1e30f;
+        float best = 0.0f;   /* any score wins the first time, -inf included (as in Python) */
         int best_id = -1, best_idx = -1;
         for (int i = 0; i + 1 < n; i++) {
             int a = sym[i], b = sym[i + 1];
@@ -240,7 +240,7 @@ int bl_encode(bl_tokenizer *t, const char *text, int bos, int eos, int *tokens, 
             memcpy(t->buf + la, t->vocab[b], lb);
             t->buf[la + lb] = '\0';
             int id = lookup(t, t->buf);
-            if (id != -1 && t->scores[id] > best) { best = t->scores[id]; best_id = id; best_idx = i; }
+            if (id != -1 && (best_idx == -1 || t->scores[id] > best)) { best = t->scores[id]; best_id = id; best_idx = i; }
         }
         if (best_idx == -1) break;
         sym[best_idx] = best_id;

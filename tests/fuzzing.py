@@ -160,3 +160,106 @@ def record_offsets(raw: bytes) -> list[int]:
         offs.append(off)
         off += 8 + struct.unpack_from("<i", raw, off + 4)[0]
     return offs + [off]
+
+
+# ----------------------------------------------------------------------------------------------
+# tokenizers: small valid files written by hand (no sentencepiece needed)
+
+def tokenizer_bin(path: Path, byte_fallback: bool = True) -> Path:
+    """A valid tokenizer.bin: <unk> <s> </s>, [<0x00>..<0xFF>], characters, then merges
+    (each the concatenation of two earlier pieces, scored so that earlier merges win)."""
+    pieces = [b"<unk>", b"\n<s>\n", b"\n</s>\n"]
+    if byte_fallback:
+        pieces += [b"<0x%02X>" % i for i in range(256)]
+    chars = [c.encode() for c in " abcemnOpstuiy,."] if byte_fallback else [b" ", b"a", b"b"]
+    merges = ([b" a", b"on", b"ce", b"On", b"Once", b" u", b"up", b"upon", b" upon", b"ti",
+               b"me", b"time", b" time", b" c", b"at", b" cat", b" s", b" sat", b"an", b" an"]
+              if byte_fallback else [b"ab", b" a", b" ab", b"ba", b"abab", b"aa"])
+    pieces += chars + merges
+    scores = [0.0] * (len(pieces) - len(chars) - len(merges)) + [-100.0] * len(chars)
+    scores += [-float(i) for i in range(len(merges))]
+    out = struct.pack("<i", max(len(p) for p in pieces))
+    for p, s in zip(pieces, scores, strict=True):
+        out += struct.pack("<fi", s, len(p)) + p
+    path.write_bytes(out)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# the worker: `python tests/fuzzing.py models|tokenizers LIST` loads every file listed (one
+# path a line; tokenizers: "path vocab_size") in both engines or both readers, in-process, and
+# prints one JSON line per file. It prints "start PATH" before each file, so that a crash or a
+# hang can be pinned on the file that caused it.
+
+def _outcome(fn, path: str, allowed: tuple[type, ...], *args) -> tuple[str, bool, object]:
+    """(what happened to fn(*args), does an error message name the file, the result)."""
+    try:
+        return "ok", True, fn(*args)
+    except allowed as e:
+        return type(e).__name__, path in str(e), None
+    except Exception as e:   # noqa: BLE001 - reported to the test, which fails on it
+        return f"UNEXPECTED {type(e).__name__}: {e}", False, None
+
+
+def _use(engine) -> None:
+    """A forward pass, then three samplers (two of them degenerate) on its logits."""
+    from babyllama.inference_numpy import XorShiftRng
+
+    logits = engine.forward(min(1, engine.args.vocab_size - 1), 0)
+    for t, top in ((1.0, 0.9), (1e-40, 0.9), (float("inf"), 1e-4)):
+        engine.sample(logits, t, top, XorShiftRng(7))
+
+
+def _c_load(path: str):
+    from babyllama.fast_c import CLlama
+
+    return CLlama.load(path, threads=1)
+
+
+def _model_worker(paths: list[str]) -> None:
+    import json
+
+    from babyllama.export import ModelFileError
+    from babyllama.fast_c import CError
+    from babyllama.inference_numpy import NonFiniteError, NumpyLlama
+
+    for p in paths:
+        print("start", p, flush=True)
+        rec = {"path": p}
+        for name, load, err in (("np", NumpyLlama.load, ModelFileError), ("c", _c_load, CError)):
+            what, named, engine = _outcome(load, p, (err,), p)
+            rec[name] = [what, named]
+            if engine is not None:   # it loaded: a forward pass and three samplers run too
+                rec[name].append(_outcome(_use, p, (NonFiniteError,), engine)[0])
+                del engine
+        print(json.dumps(rec), flush=True)
+
+
+def _tokenizer_worker(lines: list[str]) -> None:
+    import json
+
+    from babyllama.fast_c import CError, CTokenizer
+    from babyllama.tokenizer import Tokenizer, TokenizerError
+
+    text = "Once upon a time, a cat 🐈 sat. ab aab"
+    for line in lines:
+        p, vocab = line.rsplit(" ", 1)
+        print("start", p, flush=True)
+        rec = {"path": p, "vocab": {}}
+        for v in (None, int(vocab)):   # to the end of the file, and the size a model asks for
+            py = _outcome(Tokenizer.from_bin, p, (TokenizerError,), p, v)
+            c = _outcome(CTokenizer, p, (CError,), p, v or 0)
+            r = rec["vocab"][str(v)] = {"py": list(py[:2]), "c": list(c[:2])}
+            if py[2] is not None and c[2] is not None:   # both read it: the same ids and bytes
+                ids = py[2].encode(text, bos=True, eos=True)
+                r["same"] = (c[2].encode(text, bos=True, eos=True) == ids and all(
+                    c[2].decode_piece(a, b) == py[2].piece_bytes(a, b)
+                    for a in (1, 5) for b in range(py[2].vocab_size)))
+        print(json.dumps(rec), flush=True)
+
+
+if __name__ == "__main__":
+    import sys
+
+    kind, listing = sys.argv[1], Path(sys.argv[2]).read_text().splitlines()
+    (_model_worker if kind == "models" else _tokenizer_worker)(listing)

@@ -284,7 +284,9 @@ class Tokenizer:
 
         def push(i: int) -> None:
             j = nxt[i]
-            if j != -1:
+            # a character the vocabulary lacks is no piece and takes part in no merge: run.c
+            # spells it in bytes first (sentencepiece vocabularies contain their characters)
+            if j != -1 and sym[i] in self.lookup and sym[j] in self.lookup:
                 merged = sym[i] + sym[j]
                 t = self.lookup.get(merged)
                 if t is not None:   # ties go to the leftmost pair, as in run.c and sentencepiece
