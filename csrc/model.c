@@ -46,6 +46,7 @@ struct bl_model {
     size_t map_size;
     float *tok_embeddings;   /* (vocab_size, dim): the mapping, or a dequantized copy for v2 */
     int owns_embeddings;
+    float *scales;           /* v2: aligned copies of all the scales, when some were misaligned */
     Layer *layers;
     const float *norm;       /* (dim,) */
     bl_mat output;           /* (vocab_size, dim) */
@@ -178,6 +179,46 @@ static int check_all_scales(bl_model *m, const bl_mat *emb) {
     return rc;
 }
 
+/* v2 scales sit right after their int8 values, so they are 4-byte aligned only when a
+ * matrix's size is a multiple of 4 (not with, e.g., dim 6 and 13 tokens). Reading a float at a
+ * misaligned address is undefined behaviour, so then all the scales are copied, aligned. */
+static int align_scales(bl_model *m, bl_mat *emb) {
+    const Config *c = &m->c;
+    size_t dim = c->dim, kv = (size_t)c->n_kv_heads * (dim / c->n_heads), hid = c->hidden_dim;
+    size_t gs = c->group_size, count = 0, total = 0;
+    bl_mat **mats = malloc((7 * (size_t)c->n_layers + 2) * sizeof *mats);
+    size_t *sizes = malloc((7 * (size_t)c->n_layers + 2) * sizeof *sizes);
+    int rc = BL_OK, misaligned = 0;
+    if (!mats || !sizes) rc = bl_fail(m->err, sizeof m->err, BL_ERR_NOMEM, "out of memory");
+    for (int l = -1; rc == BL_OK && l < c->n_layers; l++) {
+        if (l < 0) {   /* the embeddings and the classifier */
+            mats[count] = emb, sizes[count++] = (size_t)c->vocab_size * dim;
+            if (!c->shared) mats[count] = &m->output, sizes[count++] = (size_t)c->vocab_size * dim;
+            continue;
+        }
+        Layer *w = &m->layers[l];
+        bl_mat *lm[7] = {&w->wq, &w->wk, &w->wv, &w->wo, &w->w1, &w->w2, &w->w3};
+        const size_t ls[7] = {dim * dim, kv * dim, kv * dim, dim * dim, hid * dim, dim * hid, hid * dim};
+        for (int j = 0; j < 7; j++) mats[count] = lm[j], sizes[count++] = ls[j];
+    }
+    for (size_t i = 0; rc == BL_OK && i < count; i++) {
+        misaligned |= (uintptr_t)mats[i]->q.s % sizeof(float) != 0;
+        total += sizes[i] / gs;
+    }
+    if (rc == BL_OK && misaligned) {
+        float *dst = m->scales = malloc(total * sizeof(float));
+        if (!dst) rc = bl_fail(m->err, sizeof m->err, BL_ERR_NOMEM, "out of memory");
+        for (size_t i = 0; rc == BL_OK && i < count; i++) {
+            memcpy(dst, mats[i]->q.s, sizes[i] / gs * sizeof(float));
+            mats[i]->q.s = dst;
+            dst += sizes[i] / gs;
+        }
+    }
+    free(mats);
+    free(sizes);
+    return rc;
+}
+
 /* take the next tensor of n values from the mapping */
 static void take_f32(const unsigned char **p, const float **dst, size_t n) {
     *dst = (const float *)*p;
@@ -229,7 +270,9 @@ static int map_weights(bl_model *m) {
     else take_mat(c, &p, &m->output, V * dim);
     if (c->version == 2) {   /* runq.c keeps an fp32 copy of the embeddings to look rows up */
         int rc = check_all_scales(m, &emb);
+        if (rc == BL_OK) rc = align_scales(m, &emb);
         if (rc != BL_OK) return rc;
+        if (c->shared) m->output = emb;
         m->tok_embeddings = malloc(V * dim * sizeof(float));
         if (!m->tok_embeddings) return bl_fail(m->err, sizeof m->err, BL_ERR_NOMEM, "out of memory");
         m->owns_embeddings = 1;
@@ -347,6 +390,7 @@ int bl_model_open(const char *path, int threads, bl_model **out, char *err, size
 void bl_model_close(bl_model *m) {
     if (!m) return;
     if (m->owns_embeddings) free(m->tok_embeddings);
+    free(m->scales);
     free(m->layers);
     free(m->x); free(m->xb); free(m->xb2); free(m->hb); free(m->hb2); free(m->q); free(m->k); free(m->v); free(m->att); free(m->acc);
     free(m->logits); free(m->xq_q); free(m->xq_s); free(m->key_cache); free(m->value_cache);

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -29,6 +30,7 @@ from fuzzing import (
 )
 
 from babyllama import fast_c
+from babyllama.config import ModelArgs
 
 CSRC = Path(fast_c.__file__).resolve().parents[2] / "csrc"
 WORKER = Path(__file__).resolve().parent / "fuzzing.py"
@@ -214,6 +216,13 @@ def test_fuzz_under_sanitizers(corpus, tmp_path):
                        if v == 0 else {"norm": nan})
         r = run(m)
         assert r.returncode == 1 and "not finite" in r.stderr
+    # v2 scales off 4-byte alignment (dim 6, 13 tokens): no misaligned load
+    mis = ModelArgs(dim=6, hidden_dim=9, n_layers=1, n_heads=3, n_kv_heads=1, vocab_size=13,
+                    max_seq_len=8)
+    tok13 = tmp_path / "tok13.bin"
+    tok13.write_bytes(tok12.read_bytes() + struct.pack("<fi", -50.0, 2) + b"bb")
+    assert run(write_tiny(tmp_path / "mis.bin", 2, False, a=mis, group_size=3),
+               tok13).returncode == 0
     # the crafted headers and the valid bases
     for m in corpus["models"][:9]:
         run(m)

@@ -59,6 +59,8 @@ def tok512(data_dir) -> Path:
     return data_dir / "tok512.bin"
 
 
+MISALIGNED = ModelArgs(dim=6, hidden_dim=9, n_layers=2, n_heads=3, n_kv_heads=1, vocab_size=13,
+                       max_seq_len=8)
 A512 = ModelArgs(dim=8, hidden_dim=16, n_layers=2, n_heads=2, n_kv_heads=1, vocab_size=512,
                  max_seq_len=32)
 
@@ -239,6 +241,16 @@ def test_v2_non_finite_scale_rejected_by_both(tmp_path, tensor, bad):
         NumpyLlama.load(path)
     with pytest.raises(CError, match=rf"{path}: offset {at}: {tensor} .*not finite"):
         CLlama.load(path, threads=1)
+
+
+def test_v2_misaligned_scales(tmp_path):
+    """dim 6 and 13 tokens: the embedding's 78 int8 values leave its scales (and everything
+    after) off 4-byte alignment. C copies them aligned (UBSan: no misaligned load, see
+    test_fuzz) and computes what NumPy does."""
+    path = write_tiny(tmp_path / "mis.bin", 2, shared=False, a=MISALIGNED, group_size=3)
+    np_engine, c_engine = NumpyLlama.load(path), CLlama.load(path, threads=1)
+    for pos, t in enumerate([1, 5, 12, 7]):
+        assert np.abs(np_engine.forward(t, pos) - c_engine.forward(t, pos)).max() < 1e-5
 
 
 # ----------------------------------------------------------------------------------------------
