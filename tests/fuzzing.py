@@ -66,17 +66,20 @@ def c_payload_size(version: int, p: tuple[int, ...], shared: bool, gs: int = 0) 
 # or exactly 2^64 (v1): dim = L = 2^20, head_dim 2, and 2 kv_dim + 3 hidden_dim chosen so the
 # matrices cancel the norms modulo 2^64, then the vocabulary cancels what is left
 OVERFLOW_PARAMS = (1 << 20, (1 << 19) - 1, 1 << 20, 1 << 19, 1 << 17, (1 << 20) - 1, 1)
+# v2 with group size 1 (5 bytes a value): the same idea solved modulo 2^64 with 5 inverted
+OVERFLOW_PARAMS_V2 = (1 << 20, 838860, 1 << 20, 1 << 19, 1 << 19, 838860, 1)
 
 
-def overflow_file(path: Path, version: int) -> Path:
+def overflow_file(path: Path, version: int, seq_len: int = 1) -> Path:
     """A header that passes every per-field check and whose size, computed modulo 2^64,
-    equals the file's size."""
-    p = OVERFLOW_PARAMS
+    equals the file's size (v0: 36 + 8 (seq_len - 1) bytes; v1, v2: 256 bytes)."""
+    p = OVERFLOW_PARAMS_V2 if version == 2 else (*OVERFLOW_PARAMS[:6], seq_len)
     if version == 0:
         head = struct.pack("<7i", *p)
     else:
-        head = struct.pack("<Ii7iB", 0x616B3432, 1, *p, 1).ljust(256, b"\0")
-    payload = c_payload_size(version, p, True) % (1 << 64)
+        head = struct.pack("<Ii7iBi", 0x616B3432, version, *p, 1, 1).ljust(256, b"\0")
+    payload = c_payload_size(version, p, True, gs=1) % (1 << 64)
+    assert payload < 1 << 20, "the crafted header no longer wraps around"
     path.write_bytes(head + b"\x01" * payload)
     return path
 
@@ -119,6 +122,12 @@ def mutate_model(raw: bytes, version: int, rng: np.random.Generator) -> bytes:
         else:
             v = int(rng.choice(HEADER_VALUES)) if kind == 2 else int(rng.integers(-64, 65))
             b[off:off + 4] = struct.pack(fmt, v)
+        return bytes(b)
+    if kind == 4 and rng.random() < 0.5:   # several fields large at once: big size arithmetic
+        for off, fmt in header_fields(version)[:9]:
+            if fmt == "<i" and off != 4 and rng.random() < 0.6:
+                big = int(rng.choice([1 << 20, (1 << 20) - 1, 1 << 19, 838860, 3 << 18]))
+                b[off:off + 4] = struct.pack(fmt, big)
         return bytes(b)
     if kind == 4 and version == 2:   # a group size that does not divide (or is absurd)
         b[37:41] = struct.pack("<i", int(rng.choice([3, 5, 6, 7, 12, 16, 9, -4, 1 << 30])))

@@ -49,7 +49,9 @@ def corpus(tmp_path_factory) -> dict:
                        group_size=4 if shared else 8)
         bases[version, shared] = p.read_bytes()
     models = [overflow_file(d / "overflow_v0.bin", 0), overflow_file(d / "overflow_v1.bin", 1),
-              many_layers_v0(d / "layers.bin"), *(d / f"base_v{v}_{s}.bin" for v, s in BASES)]
+              overflow_file(d / "overflow_v2.bin", 2), many_layers_v0(d / "layers.bin"),
+              *(d / f"base_v{v}_{s}.bin" for v, s in BASES)]
+    models += [overflow_file(d / f"overflow_v0_{n}.bin", 0, seq_len=n) for n in range(2, 12)]
     for i in range(N_MODELS):
         version, shared = BASES[i % len(BASES)]
         p = d / f"m{i:05d}_v{version}.bin"
@@ -115,7 +117,7 @@ def test_fuzz_models_c_and_numpy_agree(corpus, tmp_path):
         assert r["c"][0] == "ok" or r["np"][0] != "ok", f"{r['path']}: NumPy accepted, C not"
         accepted += r["np"][0] == "ok"
     by_path = {Path(r["path"]).name: r for r in recs}
-    for crafted in ("overflow_v0.bin", "overflow_v1.bin", "layers.bin"):
+    for crafted in ("overflow_v0.bin", "overflow_v1.bin", "overflow_v2.bin", "layers.bin"):
         assert by_path[crafted]["np"][0] == "ModelFileError"
     assert by_path["nan_norm_v2.bin"]["np"][2] == by_path["nan_norm_v2.bin"]["c"][2] == \
         "NonFiniteError"
@@ -159,16 +161,17 @@ def run_cli(exe: Path, model: Path, tok: Path, *flags: str,
 
 def check_cli(r: subprocess.CompletedProcess, model: Path, tok: Path) -> None:
     assert r.returncode in (0, 1), f"{model}: return code {r.returncode}: {r.stderr[-2000:]}"
-    if r.returncode == 1:
+    if r.returncode == 1:   # a file's error names it; or the position, or the prompt's length
         msg = r.stderr.splitlines()[-1] if r.stderr else ""
-        assert msg.startswith("error: ") and (str(model) in msg or str(tok) in msg
-                                              or "position" in msg), f"{model}: {r.stderr}"
+        assert msg.startswith("error: ") and any(
+            s in msg for s in (str(model), str(tok), "position", "longer than the context")), \
+            f"{model}: {r.stderr}"
 
 
 def test_fuzz_cli(corpus, cli):
     rng = np.random.default_rng(5)
     models = corpus["models"]
-    sample = models[:9] + [models[i] for i in rng.choice(len(models), 150, replace=False)]
+    sample = models[:10] + [models[i] for i in rng.choice(len(models), 150, replace=False)]
     for m in sample:
         check_cli(run_cli(cli, m, corpus["tok12"]), m, corpus["tok12"])
     small = [p for p, v in corpus["tokenizers"] if v == 12]

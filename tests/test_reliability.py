@@ -68,9 +68,11 @@ A512 = ModelArgs(dim=8, hidden_dim=16, n_layers=2, n_heads=2, n_kv_heads=1, voca
 # ----------------------------------------------------------------------------------------------
 # 1. a header whose payload size overflows size_t; 3. a 2^20-layer file rejected at once
 
-@pytest.mark.parametrize("version", [0, 1])
+@pytest.mark.parametrize("version", [0, 1, 2])
 def test_overflowing_header_is_rejected(tmp_path, cli, tok512, version):
     path = overflow_file(tmp_path / f"overflow_v{version}.bin", version)
+    head = struct.unpack_from("<7i", path.read_bytes(), 0 if version == 0 else 8)
+    assert all(0 < v <= 1 << 20 for v in head)   # every field passes the plausibility check
     r = run_python(f"""
         from babyllama.fast_c import CLlama, CError
         try:
