@@ -146,76 +146,66 @@ static size_t payload_size(const Config *c) {
     return add_sz(add_sz(norms, mul_sz(L, layer)), add_sz(emb, rope));
 }
 
-/* v2: every scale finite, or an error naming the tensor and the offset (a NaN scale would
- * turn into int8 garbage in C and NaN in NumPy); memcpy, as the scales need not be aligned */
-static int check_scales(bl_model *m, const bl_mat *w, size_t n, const char *name, int layer) {
-    const unsigned char *s = (const unsigned char *)w->q.s;
-    for (size_t g = 0; g < n / (size_t)m->c.group_size; g++) {
-        float v;
-        memcpy(&v, s + 4 * g, 4);
-        if (isfinite(v)) continue;
-        char full[48];
-        if (layer >= 0) snprintf(full, sizeof full, "layers.%d.%s", layer, name);
-        else snprintf(full, sizeof full, "%s", name);
-        return bl_fail(m->err, sizeof m->err, BL_ERR_FORMAT, "offset %zu: %s has a scale that is not finite (%g)",
-                       (size_t)(s + 4 * g - (const unsigned char *)m->map), full, v);
-    }
-    return BL_OK;
-}
+/* the matrices of a v2 file in file order (tok_embeddings, each kind for all layers, output):
+ * how many, at most 7 n_layers + 2, with their sizes and names */
+typedef struct {
+    bl_mat *mat;
+    size_t n;
+    int layer;           /* -1: not a layer's */
+    const char *name;
+} MatInfo;
 
-static int check_all_scales(bl_model *m, const bl_mat *emb) {
+static size_t v2_matrices(bl_model *m, bl_mat *emb, MatInfo *out) {
     const Config *c = &m->c;
     size_t dim = c->dim, kv = (size_t)c->n_kv_heads * (dim / c->n_heads), hid = c->hidden_dim;
     static const char *names[7] = {"wq", "wk", "wv", "wo", "w1", "w2", "w3"};
     const size_t sizes[7] = {dim * dim, kv * dim, kv * dim, dim * dim, hid * dim, dim * hid, hid * dim};
-    int rc = check_scales(m, emb, (size_t)c->vocab_size * dim, "tok_embeddings", -1);
-    for (int k = 0; k < 7 && rc == BL_OK; k++)   /* in file order: each kind for all layers */
-        for (int l = 0; l < c->n_layers && rc == BL_OK; l++) {
-            const Layer *w = &m->layers[l];
-            const bl_mat *mats[7] = {&w->wq, &w->wk, &w->wv, &w->wo, &w->w1, &w->w2, &w->w3};
-            rc = check_scales(m, mats[k], sizes[k], names[k], l);
+    size_t count = 0;
+    out[count++] = (MatInfo){emb, (size_t)c->vocab_size * dim, -1, "tok_embeddings"};
+    for (int k = 0; k < 7; k++)
+        for (int l = 0; l < c->n_layers; l++) {
+            Layer *w = &m->layers[l];
+            bl_mat *mats[7] = {&w->wq, &w->wk, &w->wv, &w->wo, &w->w1, &w->w2, &w->w3};
+            out[count++] = (MatInfo){mats[k], sizes[k], l, names[k]};
         }
-    if (rc == BL_OK && !c->shared) rc = check_scales(m, &m->output, (size_t)c->vocab_size * dim, "output", -1);
-    return rc;
+    if (!c->shared) out[count++] = (MatInfo){&m->output, (size_t)c->vocab_size * dim, -1, "output"};
+    return count;
 }
 
-/* v2 scales sit right after their int8 values, so they are 4-byte aligned only when a
- * matrix's size is a multiple of 4 (not with, e.g., dim 6 and 13 tokens). Reading a float at a
- * misaligned address is undefined behaviour, so then all the scales are copied, aligned. */
-static int align_scales(bl_model *m, bl_mat *emb) {
-    const Config *c = &m->c;
-    size_t dim = c->dim, kv = (size_t)c->n_kv_heads * (dim / c->n_heads), hid = c->hidden_dim;
-    size_t gs = c->group_size, count = 0, total = 0;
-    bl_mat **mats = malloc((7 * (size_t)c->n_layers + 2) * sizeof *mats);
-    size_t *sizes = malloc((7 * (size_t)c->n_layers + 2) * sizeof *sizes);
+/* v2: every scale finite, or an error naming the tensor and the offset (a NaN scale would
+ * turn into int8 garbage in C and NaN in NumPy). The scales sit right after their int8
+ * values, so they are 4-byte aligned only when a matrix's size is a multiple of 4 (not with,
+ * e.g., dim 6 and 13 tokens): read with memcpy here, and when any is misaligned all are
+ * copied, aligned, since the kernels load them as floats. */
+static int check_scales(bl_model *m, bl_mat *emb) {
+    size_t gs = m->c.group_size, total = 0, count;
+    MatInfo *info = malloc((7 * (size_t)m->c.n_layers + 2) * sizeof *info);
     int rc = BL_OK, misaligned = 0;
-    if (!mats || !sizes) rc = bl_fail(m->err, sizeof m->err, BL_ERR_NOMEM, "out of memory");
-    for (int l = -1; rc == BL_OK && l < c->n_layers; l++) {
-        if (l < 0) {   /* the embeddings and the classifier */
-            mats[count] = emb, sizes[count++] = (size_t)c->vocab_size * dim;
-            if (!c->shared) mats[count] = &m->output, sizes[count++] = (size_t)c->vocab_size * dim;
-            continue;
-        }
-        Layer *w = &m->layers[l];
-        bl_mat *lm[7] = {&w->wq, &w->wk, &w->wv, &w->wo, &w->w1, &w->w2, &w->w3};
-        const size_t ls[7] = {dim * dim, kv * dim, kv * dim, dim * dim, hid * dim, dim * hid, hid * dim};
-        for (int j = 0; j < 7; j++) mats[count] = lm[j], sizes[count++] = ls[j];
-    }
-    for (size_t i = 0; rc == BL_OK && i < count; i++) {
-        misaligned |= (uintptr_t)mats[i]->q.s % sizeof(float) != 0;
-        total += sizes[i] / gs;
-    }
-    if (rc == BL_OK && misaligned) {
-        float *dst = m->scales = malloc(total * sizeof(float));
-        if (!dst) rc = bl_fail(m->err, sizeof m->err, BL_ERR_NOMEM, "out of memory");
-        for (size_t i = 0; rc == BL_OK && i < count; i++) {
-            memcpy(dst, mats[i]->q.s, sizes[i] / gs * sizeof(float));
-            mats[i]->q.s = dst;
-            dst += sizes[i] / gs;
+    if (!info) return bl_fail(m->err, sizeof m->err, BL_ERR_NOMEM, "out of memory");
+    count = v2_matrices(m, emb, info);
+    for (size_t i = 0; i < count && rc == BL_OK; i++) {
+        const unsigned char *s = (const unsigned char *)info[i].mat->q.s;
+        misaligned |= (uintptr_t)s % sizeof(float) != 0;
+        total += info[i].n / gs;
+        for (size_t g = 0; g < info[i].n / gs && rc == BL_OK; g++) {
+            float v;
+            memcpy(&v, s + 4 * g, 4);
+            if (isfinite(v)) continue;
+            char name[48];
+            if (info[i].layer >= 0) snprintf(name, sizeof name, "layers.%d.%s", info[i].layer, info[i].name);
+            else snprintf(name, sizeof name, "%s", info[i].name);
+            rc = bl_fail(m->err, sizeof m->err, BL_ERR_FORMAT, "offset %zu: %s has a scale that is not finite (%g)",
+                         (size_t)(s + 4 * g - (const unsigned char *)m->map), name, v);
         }
     }
-    free(mats);
-    free(sizes);
+    float *dst = rc == BL_OK && misaligned ? (m->scales = malloc(total * sizeof(float))) : NULL;
+    if (rc == BL_OK && misaligned && !dst) rc = bl_fail(m->err, sizeof m->err, BL_ERR_NOMEM, "out of memory");
+    for (size_t i = 0; dst && rc == BL_OK && i < count; i++) {
+        memcpy(dst, info[i].mat->q.s, info[i].n / gs * sizeof(float));
+        info[i].mat->q.s = dst;
+        dst += info[i].n / gs;
+    }
+    free(info);
     return rc;
 }
 
@@ -269,8 +259,7 @@ static int map_weights(bl_model *m) {
     if (c->shared) m->output = emb;
     else take_mat(c, &p, &m->output, V * dim);
     if (c->version == 2) {   /* runq.c keeps an fp32 copy of the embeddings to look rows up */
-        int rc = check_all_scales(m, &emb);
-        if (rc == BL_OK) rc = align_scales(m, &emb);
+        int rc = check_scales(m, &emb);
         if (rc != BL_OK) return rc;
         if (c->shared) m->output = emb;
         m->tok_embeddings = malloc(V * dim * sizeof(float));
