@@ -22,6 +22,7 @@ enum {
     BL_ERR_ARG = 3,      /* an argument is out of range */
     BL_ERR_NOMEM = 4,    /* allocation failed */
     BL_ERR_STOPPED = 5,  /* a callback asked to stop */
+    BL_ERR_NONFINITE = 6, /* NaN or infinite logits: nothing to sample from */
 };
 
 typedef struct bl_model bl_model;
@@ -47,7 +48,8 @@ int bl_prefill(bl_model *m, const int *tokens, int n_tokens, int pos, float *out
 int bl_forward_batch(bl_model *m, const int *tokens, int n_tokens, int pos, float *out);
 
 /* run.c's sampler: argmax at temperature 0, else softmax(logits / temperature) sampled with
- * top-p (0 < topp < 1) or from the full distribution (topp >= 1); xorshift64* state */
+ * top-p (0 < topp < 1) or from the full distribution (topp >= 1); xorshift64* state.
+ * Argmax too when logits / temperature overflows; BL_ERR_NONFINITE for a NaN or infinite logit */
 uint32_t bl_random_u32(uint64_t *state);
 float bl_random_f32(uint64_t *state);
 int bl_sample(bl_model *m, const float *logits, float temperature, float topp,

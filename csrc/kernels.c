@@ -272,13 +272,15 @@ void bl_quantize(int8_t *q, float *s, const float *x, int n, int gs) {
         float wmax = 0.0f;
         for (int k = 0; k < gs; k++) {
             float v = fabsf(xg[k]);
-            if (v > wmax) wmax = v;
+            if (v > wmax || v != v) wmax = v;   /* a NaN stays: the scale is NaN, as in NumPy */
         }
         float scale = wmax / 127.0f;
         s[g] = scale;
         for (int k = 0; k < gs; k++) {
-            /* an all-zero group has scale 0: its values are 0, not 0/0 */
-            q[(size_t)g * gs + k] = scale == 0.0f ? 0 : (int8_t)round(xg[k] / scale);
+            /* an all-zero group has scale 0: its values are 0, not 0/0; a NaN or infinite
+             * scale gives 0 too (converting NaN to int8 is undefined), and the scale carries
+             * the NaN or infinity into the product */
+            q[(size_t)g * gs + k] = scale == 0.0f || !isfinite(scale) ? 0 : (int8_t)round(xg[k] / scale);
         }
     }
 }

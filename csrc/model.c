@@ -84,19 +84,90 @@ static int parse_header(const unsigned char *p, size_t size, Config *c, size_t *
     return BL_OK;
 }
 
+/* a * b and a + b saturated at SIZE_MAX, which no file can have: each field is at most 2^20,
+ * yet 2^20 layers of 2^20 x 2^20 matrices do not fit in 64 bits, and a size that wrapped
+ * around could match the file's and take pointers far past the mapping */
+static size_t mul_sz(size_t a, size_t b) { return a && b > SIZE_MAX / a ? SIZE_MAX : a * b; }
+static size_t add_sz(size_t a, size_t b) { return b > SIZE_MAX - a ? SIZE_MAX : a + b; }
+
 /* bytes of a matrix of n values in this file's format */
 static size_t mat_bytes(const Config *c, size_t n) {
-    return c->version == 2 ? n + 4 * (n / (size_t)c->group_size) : 4 * n;
+    return c->version == 2 ? add_sz(n, mul_sz(4, n / (size_t)c->group_size)) : mul_sz(4, n);
 }
 
+/* bytes after the header, or SIZE_MAX when that does not fit in a size_t */
 static size_t payload_size(const Config *c) {
     size_t L = c->n_layers, dim = c->dim, hd = c->dim / c->n_heads, kv = c->n_kv_heads * hd;
     size_t hid = c->hidden_dim, V = c->vocab_size;
-    size_t norms = 4 * (2 * L * dim + dim);
-    size_t mats = L * (mat_bytes(c, dim * dim) * 2 + mat_bytes(c, kv * dim) * 2 + mat_bytes(c, hid * dim) * 3);
-    size_t emb = mat_bytes(c, V * dim) * (c->shared ? 1 : 2);
-    size_t rope = c->version == 0 ? 2 * 4 * (size_t)c->seq_len * (hd / 2) : 0;
-    return norms + mats + emb + rope;
+    size_t norms = mul_sz(4, add_sz(mul_sz(2 * L, dim), dim));
+    size_t layer = add_sz(add_sz(mul_sz(mat_bytes(c, mul_sz(dim, dim)), 2), mul_sz(mat_bytes(c, mul_sz(kv, dim)), 2)),
+                          mul_sz(mat_bytes(c, mul_sz(hid, dim)), 3));
+    size_t emb = mul_sz(mat_bytes(c, mul_sz(V, dim)), c->shared ? 1 : 2);
+    size_t rope = c->version == 0 ? mul_sz(8 * (size_t)c->seq_len, hd / 2) : 0;
+    return add_sz(add_sz(norms, mul_sz(L, layer)), add_sz(emb, rope));
+}
+
+/* the matrices of a v2 file in file order (tok_embeddings, each kind for all layers, output):
+ * how many, at most 7 n_layers + 2, with their sizes and names */
+typedef struct {
+    bl_mat *mat;
+    size_t n;
+    int layer;           /* -1: not a layer's */
+    const char *name;
+} MatInfo;
+
+static size_t v2_matrices(bl_model *m, bl_mat *emb, MatInfo *out) {
+    const Config *c = &m->c;
+    size_t dim = c->dim, kv = (size_t)c->n_kv_heads * (dim / c->n_heads), hid = c->hidden_dim;
+    static const char *names[7] = {"wq", "wk", "wv", "wo", "w1", "w2", "w3"};
+    const size_t sizes[7] = {dim * dim, kv * dim, kv * dim, dim * dim, hid * dim, dim * hid, hid * dim};
+    size_t count = 0;
+    out[count++] = (MatInfo){emb, (size_t)c->vocab_size * dim, -1, "tok_embeddings"};
+    for (int k = 0; k < 7; k++)
+        for (int l = 0; l < c->n_layers; l++) {
+            Layer *w = &m->layers[l];
+            bl_mat *mats[7] = {&w->wq, &w->wk, &w->wv, &w->wo, &w->w1, &w->w2, &w->w3};
+            out[count++] = (MatInfo){mats[k], sizes[k], l, names[k]};
+        }
+    if (!c->shared) out[count++] = (MatInfo){&m->output, (size_t)c->vocab_size * dim, -1, "output"};
+    return count;
+}
+
+/* v2: every scale finite, or an error naming the tensor and the offset (a NaN scale would
+ * turn into int8 garbage in C and NaN in NumPy). The scales sit right after their int8
+ * values, so they are 4-byte aligned only when a matrix's size is a multiple of 4 (not with,
+ * e.g., dim 6 and 13 tokens): read with memcpy here, and when any is misaligned all are
+ * copied, aligned, since the kernels load them as floats. */
+static int check_scales(bl_model *m, bl_mat *emb) {
+    size_t gs = m->c.group_size, total = 0, count;
+    MatInfo *info = malloc((7 * (size_t)m->c.n_layers + 2) * sizeof *info);
+    int rc = BL_OK, misaligned = 0;
+    if (!info) return bl_fail(m->err, sizeof m->err, BL_ERR_NOMEM, "out of memory");
+    count = v2_matrices(m, emb, info);
+    for (size_t i = 0; i < count && rc == BL_OK; i++) {
+        const unsigned char *s = (const unsigned char *)info[i].mat->q.s;
+        misaligned |= (uintptr_t)s % sizeof(float) != 0;
+        total += info[i].n / gs;
+        for (size_t g = 0; g < info[i].n / gs && rc == BL_OK; g++) {
+            float v;
+            memcpy(&v, s + 4 * g, 4);
+            if (isfinite(v)) continue;
+            char name[48];
+            if (info[i].layer >= 0) snprintf(name, sizeof name, "layers.%d.%s", info[i].layer, info[i].name);
+            else snprintf(name, sizeof name, "%s", info[i].name);
+            rc = bl_fail(m->err, sizeof m->err, BL_ERR_FORMAT, "offset %zu: %s has a scale that is not finite (%g)",
+                         (size_t)(s + 4 * g - (const unsigned char *)m->map), name, v);
+        }
+    }
+    float *dst = rc == BL_OK && misaligned ? (m->scales = malloc(total * sizeof(float))) : NULL;
+    if (rc == BL_OK && misaligned && !dst) rc = bl_fail(m->err, sizeof m->err, BL_ERR_NOMEM, "out of memory");
+    for (size_t i = 0; dst && rc == BL_OK && i < count; i++) {
+        memcpy(dst, info[i].mat->q.s, info[i].n / gs * sizeof(float));
+        info[i].mat->q.s = dst;
+        dst += info[i].n / gs;
+    }
+    free(info);
+    return rc;
 }
 
 /* take the next tensor of n values from the mapping */
@@ -149,6 +220,9 @@ static int map_weights(bl_model *m) {
     if (c->shared) m->output = emb;
     else take_mat(c, &p, &m->output, V * dim);
     if (c->version == 2) {   /* runq.c keeps an fp32 copy of the embeddings to look rows up */
+        int rc = check_scales(m, &emb);
+        if (rc != BL_OK) return rc;
+        if (c->shared) m->output = emb;
         m->tok_embeddings = malloc(V * dim * sizeof(float));
         if (!m->tok_embeddings) return bl_fail(m->err, sizeof m->err, BL_ERR_NOMEM, "out of memory");
         m->owns_embeddings = 1;
@@ -208,12 +282,18 @@ static void rope_tables(bl_model *m) {
 int bl_model_open(const char *path, int threads, bl_model **out, char *err, size_t errlen) {
     if (!path || !out) return bl_fail(err, errlen, BL_ERR_ARG, "null argument");
     *out = NULL;
-    int fd = open(path, O_RDONLY);
+    /* non-blocking, so that opening a FIFO returns at once; then only a regular file is read */
+    int fd = open(path, O_RDONLY | O_NONBLOCK);
     if (fd < 0) return bl_fail(err, errlen, BL_ERR_IO, "%s: cannot open: %s", path, strerror(errno));
     struct stat st;
     if (fstat(fd, &st) != 0) {
         close(fd);
         return bl_fail(err, errlen, BL_ERR_IO, "%s: cannot stat: %s", path, strerror(errno));
+    }
+    if (!S_ISREG(st.st_mode)) {
+        close(fd);
+        return bl_fail(err, errlen, BL_ERR_IO, "%s: not a regular file (%s)", path,
+                       S_ISDIR(st.st_mode) ? "a directory" : S_ISFIFO(st.st_mode) ? "a FIFO" : "a device or socket");
     }
     size_t size = (size_t)st.st_size;
     unsigned char head[HEADER_V1] = {0};
@@ -223,8 +303,11 @@ int bl_model_open(const char *path, int threads, bl_model **out, char *err, size
     char msg[400];
     int rc = parse_header(head, got < 0 ? 0 : (size_t)got, &c, &header, msg, sizeof msg);
     if (rc == BL_OK) {
-        size_t want = header + payload_size(&c);
-        if (want != size)
+        size_t want = add_sz(header, payload_size(&c));
+        if (want == SIZE_MAX)
+            rc = bl_fail(msg, sizeof msg, BL_ERR_FORMAT, "the header describes a file of more than %zu bytes (v%d), but the file has %zu bytes",
+                      want, c.version, size);
+        else if (want != size)
             rc = bl_fail(msg, sizeof msg, BL_ERR_FORMAT, "the header describes a %zu-byte file (v%d), but the file has %zu bytes%s",
                       want, c.version, size, size < want ? " (truncated?)" : "");
     }
@@ -257,6 +340,7 @@ int bl_model_open(const char *path, int threads, bl_model **out, char *err, size
 void bl_model_close(bl_model *m) {
     if (!m) return;
     if (m->owns_embeddings) free(m->tok_embeddings);
+    free(m->scales);
     free(m->layers);
     free(m->x); free(m->xb); free(m->xb2); free(m->hb); free(m->hb2); free(m->q); free(m->k); free(m->v); free(m->att); free(m->acc);
     free(m->logits); free(m->xq_q); free(m->xq_s); free(m->key_cache); free(m->value_cache);
@@ -417,11 +501,21 @@ static int compare_prob(const void *a, const void *b) {
     return (x->index > y->index) - (x->index < y->index);
 }
 
+/* the first of the largest values of x (n,): the greedy choice */
+static int argmax(const float *x, int n) {
+    int best = 0;
+    for (int i = 1; i < n; i++) if (x[i] > x[best]) best = i;
+    return best;
+}
+
 static int sample_topp(const float *probs, int n, float topp, ProbIndex *pi, float coin) {
+    if (n == 1) return 0;
     const float cutoff = (1.0f - topp) / (n - 1);   /* below it a token cannot be in the nucleus */
     int n0 = 0;
     for (int i = 0; i < n; i++)
         if (probs[i] >= cutoff) { pi[n0].index = i; pi[n0].prob = probs[i]; n0++; }
+    /* none: then topp < 1/n <= the top probability, and the top token alone is the nucleus */
+    if (n0 == 0) return argmax(probs, n);
     qsort(pi, n0, sizeof(ProbIndex), compare_prob);
     float cumulative = 0.0f;
     int last = n0 - 1;
@@ -443,10 +537,16 @@ int bl_sample(bl_model *m, const float *logits, float temperature, float topp,
     int n = m->c.vocab_size;
     if (!(temperature >= 0.0f)) return bl_fail(m->err, sizeof m->err, BL_ERR_ARG, "temperature must be >= 0, got %g", temperature);
     if (!(topp > 0.0f && topp <= 1.0f)) return bl_fail(m->err, sizeof m->err, BL_ERR_ARG, "topp must be in (0, 1], got %g", topp);
-    if (temperature == 0.0f) {
-        int best = 0;
-        for (int i = 1; i < n; i++) if (logits[i] > logits[best]) best = i;
-        *token = best;
+    float amax = 0.0f;   /* the largest |logit|, and no NaN or infinity among them */
+    for (int i = 0; i < n; i++) {
+        if (!isfinite(logits[i]))
+            return bl_fail(m->err, sizeof m->err, BL_ERR_NONFINITE, "logit of token %d is %g, not finite: NaN or infinite weights or activations",
+                           i, logits[i]);
+        amax = fabsf(logits[i]) > amax ? fabsf(logits[i]) : amax;
+    }
+    /* a temperature so small that logits / temperature overflows is greedy, its limit */
+    if (temperature == 0.0f || !isfinite(amax / temperature)) {
+        *token = argmax(logits, n);
         return BL_OK;
     }
     float *probs = m->probs;
@@ -492,7 +592,11 @@ int bl_generate(bl_model *m, const int *prompt, int n_prompt, int steps, float t
     if (steps <= n_prompt - 1) return BL_OK;
     if ((rc = bl_prefill(m, prompt, n_prompt, 0, m->logits)) != BL_OK) return rc;
     for (int pos = n_prompt;; pos++) {
-        if ((rc = bl_sample(m, m->logits, temperature, topp, &rng, &next)) != BL_OK) return rc;
+        if ((rc = bl_sample(m, m->logits, temperature, topp, &rng, &next)) != BL_OK) {
+            char msg[sizeof m->err];
+            memcpy(msg, m->err, sizeof msg);
+            return rc == BL_ERR_NONFINITE ? bl_fail(m->err, sizeof m->err, rc, "the logits at position %d: %s", pos - 1, msg) : rc;
+        }
         if (next == 1 || next == 2) break;   /* BOS or EOS: the story is over */
         count++;
         if (n_generated) *n_generated = count;

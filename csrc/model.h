@@ -34,6 +34,7 @@ struct bl_model {
     size_t map_size;
     float *tok_embeddings;   /* (vocab_size, dim): the mapping, or a dequantized copy for v2 */
     int owns_embeddings;
+    float *scales;           /* v2: aligned copies of all the scales, when some were misaligned */
     Layer *layers;
     const float *norm;       /* (dim,) */
     bl_mat output;           /* (vocab_size, dim) */
@@ -93,9 +94,9 @@ static inline double exp_neg(double x) {
     p = MADD(p, r, 1.0);
     /* 2^k: k + 1.5 * 2^52 holds k in its low mantissa bits; move k + 1023 to the exponent */
     double t = k + 6755399441055744.0;
-    int64_t bits;
+    uint64_t bits;   /* unsigned: a NaN input (k is NaN) shifts garbage bits, not UB, and p is NaN */
     memcpy(&bits, &t, sizeof bits);
-    bits = (bits - 0x4338000000000000LL + 1023) << 52;
+    bits = (bits - 0x4338000000000000ULL + 1023) << 52;
     double scale;
     memcpy(&scale, &bits, sizeof scale);
     return p * scale;

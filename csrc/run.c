@@ -171,7 +171,7 @@ static int chat(bl_model *m, bl_tokenizer *tok, const ChatArgs *a, int vocab_siz
         dump_ids(dump, ids, n_ids);
         pos += n_ids;
         /* the reply: sample, print, feed, until EOS (or the step limit) */
-        Printer pr = {tok, ids[n_ids - 1]};
+        Printer pr = {.tok = tok, .prev = ids[n_ids - 1]};
         pending_eos = 0;
         for (;;) {
             int next;

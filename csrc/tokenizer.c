@@ -8,9 +8,14 @@
 #include "kernels.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#define MAX_FILE_BYTES (1 << 30)   /* a plausible tokenizer.bin: Llama 2's is 434 KB */
 
 typedef struct {
     const char *str;
@@ -44,26 +49,45 @@ void bl_tokenizer_close(bl_tokenizer *t) {
     free(t);
 }
 
+/* the whole file into *data (*size bytes): open without blocking (a FIFO), then read only
+ * a regular file of plausible size, to its size as fstat tells it */
+static int read_file(const char *path, unsigned char **data, size_t *size, char *err, size_t errlen) {
+    int fd = open(path, O_RDONLY | O_NONBLOCK);
+    if (fd < 0) return bl_fail(err, errlen, BL_ERR_IO, "%s: cannot open: %s", path, strerror(errno));
+    struct stat st;
+    int rc = BL_OK;
+    if (fstat(fd, &st) != 0) rc = bl_fail(err, errlen, BL_ERR_IO, "%s: cannot stat: %s", path, strerror(errno));
+    else if (!S_ISREG(st.st_mode))
+        rc = bl_fail(err, errlen, BL_ERR_IO, "%s: not a regular file (%s)", path,
+                     S_ISDIR(st.st_mode) ? "a directory" : S_ISFIFO(st.st_mode) ? "a FIFO" : "a device or socket");
+    else if (st.st_size < 4)
+        rc = bl_fail(err, errlen, BL_ERR_FORMAT, "%s: truncated: %lld bytes, expected at least a 4-byte header", path, (long long)st.st_size);
+    else if (st.st_size > MAX_FILE_BYTES)
+        rc = bl_fail(err, errlen, BL_ERR_FORMAT, "%s: %lld bytes is too large for a tokenizer.bin (at most %d)", path, (long long)st.st_size, MAX_FILE_BYTES);
+    *size = rc == BL_OK ? (size_t)st.st_size : 0;
+    *data = rc == BL_OK ? malloc(*size) : NULL;
+    if (rc == BL_OK && !*data) rc = bl_fail(err, errlen, BL_ERR_NOMEM, "out of memory");
+    for (size_t got = 0; rc == BL_OK && got < *size;) {
+        ssize_t r = read(fd, *data + got, *size - got);
+        if (r < 0 && errno == EINTR) continue;
+        if (r <= 0) rc = bl_fail(err, errlen, BL_ERR_IO, "%s: read failed after %zu bytes: %s", path, got, r < 0 ? strerror(errno) : "the file shrank");
+        else got += (size_t)r;
+    }
+    close(fd);
+    if (rc != BL_OK) { free(*data); *data = NULL; }
+    return rc;
+}
+
 /* vocab_size <= 0: read records up to the end of the file */
 int bl_tokenizer_open(const char *path, int vocab_size, bl_tokenizer **out, char *err, size_t errlen) {
     if (!path || !out) return bl_fail(err, errlen, BL_ERR_ARG, "null argument");
     *out = NULL;
-    FILE *f = fopen(path, "rb");
-    if (!f) return bl_fail(err, errlen, BL_ERR_IO, "%s: cannot open: %s", path, strerror(errno));
-    if (fseek(f, 0, SEEK_END) != 0) { fclose(f); return bl_fail(err, errlen, BL_ERR_IO, "%s: cannot seek", path); }
-    long fsize = ftell(f);
-    rewind(f);
-    unsigned char *data = fsize > 0 ? malloc((size_t)fsize) : NULL;
-    if (fsize < 4 || !data || fread(data, 1, (size_t)fsize, f) != (size_t)fsize) {
-        free(data);
-        fclose(f);
-        return bl_fail(err, errlen, BL_ERR_FORMAT, "%s: truncated: %ld bytes, expected at least a 4-byte header", path, fsize);
-    }
-    fclose(f);
-    size_t size = (size_t)fsize, off = 4;
+    unsigned char *data = NULL;
+    size_t size = 0, off = 4;
+    int rc = read_file(path, &data, &size, err, errlen);
+    if (rc != BL_OK) return rc;
     int32_t max_len;
     memcpy(&max_len, data, 4);
-    int rc = BL_OK;
     bl_tokenizer *t = calloc(1, sizeof *t);
     if (!t) { free(data); return bl_fail(err, errlen, BL_ERR_NOMEM, "out of memory"); }
     if (max_len <= 0 || max_len > (1 << 16)) {
@@ -71,7 +95,7 @@ int bl_tokenizer_open(const char *path, int vocab_size, bl_tokenizer **out, char
         goto done;
     }
     t->max_token_length = max_len;
-    int cap = vocab_size > 0 ? vocab_size : 1024, n = 0;
+    int cap = vocab_size > 0 ? vocab_size : 1024, n = 0, longest = 0;
     t->vocab = calloc(cap, sizeof(char *));
     t->lengths = calloc(cap, sizeof(int));
     t->scores = calloc(cap, sizeof(float));
@@ -112,6 +136,7 @@ int bl_tokenizer_open(const char *path, int vocab_size, bl_tokenizer **out, char
         memcpy(t->vocab[n], data + off + 8, len);
         t->vocab[n][len] = '\0';
         t->lengths[n] = len;
+        longest = len > longest ? len : longest;
         t->scores[n] = score;
         n++;
         t->vocab_size = n;
@@ -122,6 +147,13 @@ int bl_tokenizer_open(const char *path, int vocab_size, bl_tokenizer **out, char
         goto done;
     }
     if (n < 3) { rc = bl_fail(err, errlen, BL_ERR_FORMAT, "%s: has only %d tokens", path, n); goto done; }
+    /* every exporter writes the longest piece's length: a file cut at a record boundary
+     * usually lost that piece, and would otherwise pass for a smaller vocabulary */
+    if (longest != max_len) {
+        rc = bl_fail(err, errlen, BL_ERR_FORMAT, "%s: offset 0: max_token_length %d, but the longest of the %d pieces has %d bytes (truncated?)",
+                     path, max_len, n, longest);
+        goto done;
+    }
     /* byte fallback: <0x00>..<0xFF> at ids 3..258, as sentencepiece lays them out */
     t->byte_fallback = n >= 259;
     for (int b = 0; b < 256 && t->byte_fallback; b++) {
@@ -197,7 +229,7 @@ int bl_encode(bl_tokenizer *t, const char *text, int bos, int eos, int *tokens, 
     }
     /* merge the best-scoring adjacent pair until none is in the vocabulary; ties: leftmost */
     for (;;) {
-        float best = -1e30f;
+        float best = 0.0f;   /* any score wins the first time, -inf included (as in Python) */
         int best_id = -1, best_idx = -1;
         for (int i = 0; i + 1 < n; i++) {
             int a = sym[i], b = sym[i + 1];
@@ -208,7 +240,7 @@ int bl_encode(bl_tokenizer *t, const char *text, int bos, int eos, int *tokens, 
             memcpy(t->buf + la, t->vocab[b], lb);
             t->buf[la + lb] = '\0';
             int id = lookup(t, t->buf);
-            if (id != -1 && t->scores[id] > best) { best = t->scores[id]; best_id = id; best_idx = i; }
+            if (id != -1 && (best_idx == -1 || t->scores[id] > best)) { best = t->scores[id]; best_id = id; best_idx = i; }
         }
         if (best_idx == -1) break;
         sym[best_idx] = best_id;

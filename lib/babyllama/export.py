@@ -32,6 +32,7 @@ scales sit beside it as "layers.{l}.wq.scale". This module imports torch only to
 from __future__ import annotations
 
 import os
+import stat
 import struct
 from pathlib import Path
 
@@ -256,12 +257,7 @@ def write_model(model, path: str | Path, version: int = 0, group_size: int = 64,
 def read_header(path: str | Path) -> tuple[ModelArgs, int, bool, int, int]:
     """(args, version, shared_classifier, group_size, header_size), checked against the file."""
     path = Path(path)
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(HEADER_V1)
-    except OSError as e:
-        raise ModelFileError(f"{path}: cannot read model file ({e.strerror})") from e
+    size, head = _read_head(path)
     if len(head) < 28:
         raise ModelFileError(f"{path}: truncated: {len(head)} bytes, a header needs at least 28")
     (magic,) = struct.unpack_from("I", head, 0)
@@ -309,6 +305,30 @@ def read_header(path: str | Path) -> tuple[ModelArgs, int, bool, int, int]:
     return args, version, bool(shared), group_size, header_size
 
 
+def _read_head(path: Path) -> tuple[int, bytes]:
+    """(file size, its first HEADER_V1 bytes). Opened without blocking (a FIFO would wait for a
+    writer forever), then read only if it is a regular file."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as e:
+        raise ModelFileError(f"{path}: cannot read model file ({e.strerror})") from e
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ModelFileError(f"{path}: not a regular file ({_file_kind(st.st_mode)})")
+        return st.st_size, os.pread(fd, HEADER_V1, 0)
+    except OSError as e:
+        raise ModelFileError(f"{path}: cannot read model file ({e.strerror})") from e
+    finally:
+        os.close(fd)
+
+
+def _file_kind(mode: int) -> str:
+    """What a non-regular file is, in the words the C library uses."""
+    return ("a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode)
+            else "a device or socket")
+
+
 def _nbytes(name: str, a: ModelArgs, version: int, gs: int) -> int:
     n = int(np.prod(_shape(name, a)))
     if version == 2 and len(_shape(name, a)) == 2:
@@ -317,7 +337,16 @@ def _nbytes(name: str, a: ModelArgs, version: int, gs: int) -> int:
 
 
 def _payload_size(a: ModelArgs, version: int, shared: bool, gs: int) -> int:
-    return sum(_nbytes(n, a, version, gs) for n in _tensor_order(version, a.n_layers, shared))
+    """Bytes after the header, by arithmetic: a header claiming 2^20 layers is refused without
+    a loop over them (and Python's integers do not overflow, as C's size_t would)."""
+    def mat(n: int) -> int:
+        return n + 4 * (n // gs) if version == 2 else 4 * n
+    kv_dim = a.n_kv_heads * a.head_dim
+    per_layer = (2 * 4 * a.dim + 2 * mat(a.dim * a.dim) + 2 * mat(kv_dim * a.dim)
+                 + 3 * mat(a.hidden_dim * a.dim))                   # norms, wq wo, wk wv, w1-3
+    emb = mat(a.vocab_size * a.dim) * (1 if shared else 2)          # tok_embeddings, [output]
+    rope = 2 * 4 * a.max_seq_len * (a.head_dim // 2) if version == 0 else 0
+    return a.n_layers * per_layer + 4 * a.dim + emb + rope          # ... and the final norm
 
 
 def read_model(path: str | Path) -> tuple[ModelArgs, Weights]:
@@ -331,7 +360,8 @@ def read_model(path: str | Path) -> tuple[ModelArgs, Weights]:
         n = int(np.prod(shape))
         if version == 2 and len(shape) == 2:
             w[name] = buf[off:off + n].view(np.int8).reshape(shape)
-            w[name + ".scale"] = buf[off + n:off + n + 4 * (n // gs)].view(np.float32)
+            w[name + ".scale"] = _finite_scales(buf[off + n:off + n + 4 * (n // gs)], off + n,
+                                                name, path)
         else:
             w[name] = buf[off:off + 4 * n].view(np.float32).reshape(shape)
         off += _nbytes(name, args, version, gs)
@@ -342,6 +372,17 @@ def read_model(path: str | Path) -> tuple[ModelArgs, Weights]:
     w.pop("freq_cis_real", None)
     w.pop("freq_cis_imag", None)
     return args, w
+
+
+def _finite_scales(raw: np.ndarray, off: int, name: str, path: str | Path) -> np.ndarray:
+    """The fp32 scales in `raw`, all finite, or an error naming the first that is not: a NaN
+    scale would quantize to garbage, and the C engine refuses such a file too."""
+    s = raw.view(np.float32)
+    bad = np.flatnonzero(~np.isfinite(s))
+    if bad.size:
+        raise ModelFileError(f"{path}: offset {off + 4 * int(bad[0])}: {name} has a scale that "
+                             f"is not finite ({s[bad[0]]})")
+    return s
 
 
 def dequantized(w: Weights) -> dict[str, np.ndarray]:

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from babyllama.config import ModelArgs
-from babyllama.inference_numpy import XorShiftRng, check_sampling, generate_loop
+from babyllama.inference_numpy import NonFiniteError, XorShiftRng, check_sampling, generate_loop
 
 CSRC = Path(__file__).resolve().parent.parent.parent / "csrc"
 LIB_SOURCES = ("kernels.c", "model.c", "prefill.c", "tokenizer.c", "context.c")
@@ -37,7 +37,7 @@ HEADERS = ("babyllama.h", "kernels.h", "model.h", "simd.h")
 BASE_FLAGS = ["-std=c11", "-fPIC", "-ffp-contract=off", "-Wall", "-Wextra"]
 DEFAULT_CFLAGS = "-O3 -march=native"
 ERRORS = {1: "I/O error", 2: "bad file format", 3: "bad argument", 4: "out of memory",
-          5: "stopped"}
+          5: "stopped", 6: "non-finite logits"}
 
 
 class BuildError(RuntimeError):
@@ -215,7 +215,7 @@ class CLlama:
     def _check(self, rc: int) -> None:
         if rc != 0:
             msg = self._lib.bl_model_error(self._h).decode(errors="replace")
-            raise (ValueError if rc == 3 else CError)(msg)
+            raise {3: ValueError, 6: NonFiniteError}.get(rc, CError)(msg)
 
     def reset(self) -> None:
         self._check(self._lib.bl_reset(self._h))

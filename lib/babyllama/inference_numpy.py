@@ -30,6 +30,10 @@ BOS, EOS = 1, 2
 F32 = np.float32
 
 
+class NonFiniteError(ValueError):
+    """The model produced NaN or infinite logits: there is no distribution to sample from."""
+
+
 # ----------------------------------------------------------------------------------------------
 # the building blocks, each as plain array math
 
@@ -75,7 +79,9 @@ def quantize_rows(x: np.ndarray, group_size: int) -> tuple[np.ndarray, np.ndarra
     g = x.reshape(*x.shape[:-1], -1, group_size)
     scale = (np.abs(g).max(axis=-1) / F32(127.0)).astype(F32)
     safe = np.where(scale == 0, F32(1.0), scale)
-    v = (g / safe[..., None]).astype(np.float64)
+    # a NaN or infinite scale quantizes to zeros (as in C); the scale carries it into the product
+    with np.errstate(invalid="ignore"):
+        v = np.where(np.isfinite(scale)[..., None], g / safe[..., None], 0).astype(np.float64)
     q = (np.sign(v) * np.floor(np.abs(v) + 0.5)).astype(np.int8)
     return q.reshape(x.shape), scale
 
@@ -122,8 +128,12 @@ class XorShiftRng:
 def sample_topp(probs: np.ndarray, topp: float, coin: float) -> int:
     """Nucleus sampling: the smallest set of most likely tokens whose mass exceeds topp."""
     n = probs.size
+    if n == 1:
+        return 0
     cutoff = F32((1.0 - topp) / (n - 1))   # tokens below this can never be in the nucleus
     idx = np.nonzero(probs >= cutoff)[0]
+    if idx.size == 0:   # then topp < 1/n <= the top probability: the top token is the nucleus
+        return int(np.argmax(probs))
     idx = idx[np.argsort(-probs[idx], kind="stable")]   # ties: lower id first (as our C does)
     cum = np.cumsum(probs[idx], dtype=F32)
     over = np.nonzero(cum > F32(topp))[0]
@@ -134,7 +144,11 @@ def sample_topp(probs: np.ndarray, topp: float, coin: float) -> int:
 
 
 def sample(logits: np.ndarray, temperature: float, topp: float, rng: XorShiftRng) -> int:
-    if temperature == 0.0:
+    bad = np.flatnonzero(~np.isfinite(logits))
+    if bad.size:
+        raise NonFiniteError(f"logit of token {bad[0]} is {logits[bad[0]]}, not finite: NaN or "
+                             f"infinite weights or activations")
+    if temperature == 0.0 or overflows(logits, temperature):
         return int(np.argmax(logits))
     probs = softmax((logits / F32(temperature)).astype(np.float64)).astype(F32)
     coin = rng.f32()
@@ -142,6 +156,21 @@ def sample(logits: np.ndarray, temperature: float, topp: float, rng: XorShiftRng
         hit = np.nonzero(F32(coin) < np.cumsum(probs, dtype=F32))[0]
         return int(hit[0]) if hit.size else probs.size - 1
     return sample_topp(probs, topp, coin)
+
+
+def overflows(logits: np.ndarray, temperature: float) -> bool:
+    """Does logits / temperature overflow float32? Then sampling is greedy, its limit."""
+    with np.errstate(over="ignore", divide="ignore"):
+        return not np.isfinite(F32(np.abs(logits).max()) / F32(temperature))
+
+
+def sample_at(engine, logits: np.ndarray, pos: int, temperature: float, topp: float,
+              rng: XorShiftRng) -> int:
+    """engine.sample of the logits computed at position `pos`, naming it in an error."""
+    try:
+        return engine.sample(logits, temperature, topp, rng)
+    except NonFiniteError as e:
+        raise NonFiniteError(f"the logits at position {pos}: {e}") from None
 
 
 def check_sampling(temperature: float, topp: float) -> None:
@@ -279,7 +308,7 @@ def generate_loop(engine, prompt_ids: list[int], steps: int, temperature: float,
     logits = ctx.feed(prompt_ids)
     pos = n   # counts every position fed, as run.c's pos (it no longer indexes the cache)
     while True:
-        nxt = engine.sample(logits, temperature, topp, rng)
+        nxt = sample_at(engine, logits, pos - 1, temperature, topp, rng)
         if nxt in (BOS, EOS):
             return
         yield nxt

@@ -20,7 +20,9 @@ from __future__ import annotations
 import codecs
 import heapq
 import io
+import os
 import re
+import stat
 import struct
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -31,6 +33,7 @@ N_BYTES = 256          # <0x00> .. <0xFF>
 BOS, EOS = 1, 2
 MAX_SENTENCE_BYTES = 4192   # sentencepiece's default max_sentence_length: longer lines are dropped
 BYTE_PIECE = re.compile(rb"<0x([0-9A-F]{2})>")
+MAX_BIN_BYTES = 1 << 30     # a plausible tokenizer.bin (Llama 2's is 434 KB); the C reader's too
 
 
 class TokenizerError(ValueError):
@@ -126,24 +129,35 @@ def load_sentencepiece(path: str | Path):
 def export_tokenizer_bin(model_path: str | Path, out: str | Path) -> Path:
     """Write llama2.c's tokenizer.bin for a SentencePiece model (as llama2.c's tokenizer.py)."""
     sp = load_sentencepiece(model_path)
+    out = Path(out)
+    if out.is_dir():
+        raise TokenizerError(f"{out}: is a directory; expected the path of the tokenizer.bin "
+                             f"to write")
     pieces, scores = [], []
     for i in range(sp.vocab_size()):
-        piece = sp.id_to_piece(i)
+        try:
+            piece = sp.id_to_piece(i)
+        except UnicodeDecodeError as e:
+            raise TokenizerError(f"{model_path}: piece {i} is not valid UTF-8 ({e.reason} at "
+                                 f"byte {e.start}): a corrupt SentencePiece model?") from None
         if i == sp.bos_id():
             piece = "\n<s>\n"      # run.c never matches these when encoding text
         elif i == sp.eos_id():
             piece = "\n</s>\n"
         pieces.append(piece.replace("▁", " ").encode("utf-8"))
         scores.append(sp.get_score(i))
-    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("I", max(len(p) for p in pieces)))
-        for p, s in zip(pieces, scores):
-            f.write(struct.pack("fI", s, len(p)))
-            f.write(p)
-    tmp.replace(out)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("I", max(len(p) for p in pieces)))
+            for p, s in zip(pieces, scores):
+                f.write(struct.pack("fI", s, len(p)))
+                f.write(p)
+        tmp.replace(out)
+    except BaseException:   # a full disk, a signal: no half-written temporary left behind
+        tmp.unlink(missing_ok=True)
+        raise
     return out
 
 
@@ -153,17 +167,11 @@ def read_tokenizer_bin(path: str | Path, vocab_size: int | None = None
 
     The file does not store its vocabulary size: it is the number of records up to the end."""
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise TokenizerError(f"{path}: cannot read tokenizer file ({e.strerror})") from e
-    if len(data) < 4:
-        raise TokenizerError(f"{path}: truncated: {len(data)} bytes, expected at least a 4-byte "
-                             f"header")
+    data = _read_regular_file(path)
     (max_len,) = struct.unpack_from("i", data, 0)
     if not 0 < max_len <= 1 << 16:
         raise TokenizerError(f"{path}: offset 0: max_token_length {max_len} is not plausible")
-    pieces, scores, off = [], [], 4
+    pieces, scores, off, longest = [], [], 4, 0
     while off < len(data) and (vocab_size is None or len(pieces) < vocab_size):
         if off + 8 > len(data):
             raise TokenizerError(f"{path}: offset {off}: truncated record header for token "
@@ -179,12 +187,48 @@ def read_tokenizer_bin(path: str | Path, vocab_size: int | None = None
                                  f"only {len(data) - off - 8} left")
         pieces.append(data[off + 8: off + 8 + n])
         scores.append(score)
+        longest = max(longest, n)
         off += 8 + n
     if vocab_size is not None and len(pieces) < vocab_size:
         raise TokenizerError(f"{path}: has {len(pieces)} tokens, expected {vocab_size}")
     if len(pieces) < N_SPECIAL:
         raise TokenizerError(f"{path}: has only {len(pieces)} tokens")
+    # every exporter writes the longest piece's length: a file cut at a record boundary usually
+    # lost that piece, and would otherwise pass for a smaller vocabulary
+    if longest != max_len:
+        raise TokenizerError(f"{path}: offset 0: max_token_length {max_len}, but the longest of "
+                             f"the {len(pieces)} pieces has {longest} bytes (truncated?)")
     return pieces, scores, max_len
+
+
+def _read_regular_file(path: Path) -> bytes:
+    """The bytes of a regular file of plausible size. Opened without blocking (a FIFO would
+    wait for a writer forever), then checked before reading (/dev/zero never ends)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as e:
+        raise TokenizerError(f"{path}: cannot read tokenizer file ({e.strerror})") from e
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = ("a directory" if stat.S_ISDIR(st.st_mode) else "a FIFO"
+                    if stat.S_ISFIFO(st.st_mode) else "a device or socket")
+            raise TokenizerError(f"{path}: not a regular file ({kind})")
+        if st.st_size < 4:
+            raise TokenizerError(f"{path}: truncated: {st.st_size} bytes, expected at least a "
+                                 f"4-byte header")
+        if st.st_size > MAX_BIN_BYTES:
+            raise TokenizerError(f"{path}: {st.st_size} bytes is too large for a tokenizer.bin "
+                                 f"(at most {MAX_BIN_BYTES})")
+        with os.fdopen(os.dup(fd), "rb") as f:
+            data = f.read(st.st_size)
+    except OSError as e:
+        raise TokenizerError(f"{path}: cannot read tokenizer file ({e.strerror})") from e
+    finally:
+        os.close(fd)
+    if len(data) != st.st_size:
+        raise TokenizerError(f"{path}: read {len(data)} bytes of {st.st_size}: the file shrank")
+    return data
 
 
 # ----------------------------------------------------------------------------------------------
@@ -240,7 +284,9 @@ class Tokenizer:
 
         def push(i: int) -> None:
             j = nxt[i]
-            if j != -1:
+            # a character the vocabulary lacks is no piece and takes part in no merge: run.c
+            # spells it in bytes first (sentencepiece vocabularies contain their characters)
+            if j != -1 and sym[i] in self.lookup and sym[j] in self.lookup:
                 merged = sym[i] + sym[j]
                 t = self.lookup.get(merged)
                 if t is not None:   # ties go to the leftmost pair, as in run.c and sentencepiece
