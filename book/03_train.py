@@ -476,6 +476,18 @@ for name, s in scores.items():
 assert scores["after"].fraction >= scores["before"].fraction
 
 # %% [markdown]
+# **What this measured, honestly.** The masked loss on the answers falls from 2.90 nats/token
+# before fine-tuning to 0.77 on validation requests after 100 iterations, and the answers take
+# the requested *form*: a short
+# story that opens, finds an object and ends. But 0 of 50 held-out requests are honoured, before
+# or after: the answer invents its own cast instead of copying "Max", "fox" and "lantern" from
+# the prompt. Copying a name from 60 tokens back is an attention skill the book model has barely
+# begun to learn in 614k tokens (its samples above still invent words). The recipe is right;
+# the base model is too weak for it. A stronger base model — `--preset stories15M`, or the book
+# preset trained for several times `book.BOOK_ITERS` — is the first thing to try, and
+# `babyllama eval-requests` measures the result.
+
+# %% [markdown]
 # ## Exercises
 #
 # 1. **The first step is the same size for every weight.** Show from the formulas that after

@@ -455,7 +455,7 @@ print(len(first_ids), "ids, starting", first_ids[:8])
 
 # %% [markdown]
 # The session keeps one KV cache for the whole conversation: a new turn costs only its own
-# tokens (the previous reply's EOS, BOS, the rendered turn), fed in one `forward_tokens` call,
+# tokens (the previous reply's EOS, BOS, the rendered turn), fed in one `prefill` call,
 # never a re-encoding of what came before. Our book model was trained on stories, not on
 # conversations, so it answers with a story opening whatever we ask (the last section of
 # chapter 3 fine-tunes it on requests); here we only watch the mechanics, capping the
@@ -498,7 +498,7 @@ print(kept_after_shift(list(range(100)), n_keep=1, seq_len=10), "<- a prompt lon
 # %%
 seq_len = engine.args.max_seq_len
 engine.reset()
-ctx = Context(engine.forward_tokens, seq_len, n_keep=1)
+ctx = Context(engine.prefill, seq_len, n_keep=1)
 stream = tok.encode("Once upon a time", bos=True)
 logits = ctx.feed(stream)
 while len(ctx) < seq_len:   # greedy until the cache is full
@@ -566,7 +566,7 @@ from babyllama.inference_numpy import XorShiftRng
 
 def sample_through_shifts(engine, start: list[int], n: int, seed: int) -> tuple[list[int], int]:
     engine.reset()
-    ctx = Context(engine.forward_tokens, engine.args.max_seq_len, n_keep=1)
+    ctx = Context(engine.prefill, engine.args.max_seq_len, n_keep=1)
     rng, out = XorShiftRng(seed), []
     logits = ctx.feed(start)
     for _ in range(n):

@@ -537,11 +537,13 @@ pf_engine.reset()
 pf_last = pf_engine.prefill(pf_prompt, 0)
 pf_engine.reset()
 pf_all = pf_engine.forward_tokens(pf_prompt, 0)
-print("prefill == token by token (last logits):", bool(np.abs(pf_last - pf_ref[-1]).max() < 1e-4))
-print("forward_tokens == token by token (all):  ", bool(np.abs(pf_all - pf_ref).max() < 1e-4))
 pf_np = NumpyLlama.load(files[2]).prefill(pf_prompt, 0)
-print("int8: NumPy prefill == C prefill:        ",
-      bool(np.abs(pf_np - CLlama.load(files[2]).prefill(pf_prompt, 0)).max() < 1e-3))
+pf_checks = [("prefill vs token by token (last logits)", np.abs(pf_last - pf_ref[-1]).max(), 1e-4),
+             ("forward_tokens vs token by token (all)", np.abs(pf_all - pf_ref).max(), 1e-4),
+             ("int8: NumPy prefill vs C prefill", np.abs(pf_np - CLlama.load(files[2]).prefill(pf_prompt, 0)).max(), 1e-3)]
+for what, err, bound in pf_checks:
+    print(f"{what:40s} max |diff| {err:.1e} (bound {bound:.0e})")
+    assert err <= bound
 
 # %% [markdown]
 # How fast? The book's model fits in the caches, so for this we take the stories15M shape
