@@ -294,12 +294,10 @@ def print_table(rows: list[dict]) -> None:
 
 def plot_prefill(rows: list[dict], out: Path) -> Path:
     """Prefill (batched) and token-by-token prompt speed, and decode against its memory bound."""
-    import matplotlib
+    from matplotlib.figure import Figure  # not pyplot: leave the caller's backend alone
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 0.4 * len(rows) + 1.5))
+    fig = Figure(figsize=(11, 0.4 * len(rows) + 1.5))
+    a, b = fig.subplots(1, 2)
     labels = [f"{r['shape']} {r['format']} {r['threads']}t" for r in rows]
     y = np.arange(len(rows))
     a.barh(y + 0.2, [r["prefill_tok_s"] for r in rows], 0.4, label="batched prefill")
@@ -314,7 +312,6 @@ def plot_prefill(rows: list[dict], out: Path) -> Path:
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out, dpi=100)
-    plt.close(fig)
     return out
 
 

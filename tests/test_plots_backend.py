@@ -64,6 +64,11 @@ def test_bench_plot_keeps_the_backend(caller_backend, tmp_path):
     png = bench.plot(rows, tmp_path / "engines.png", vs_llama2c=vs)
     assert matplotlib.get_backend() == caller_backend
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    pre = [{"shape": "stories15M", "format": "int8", "threads": 1, "prefill_tok_s": 900.0,
+            "by_token_tok_s": 300.0, "decode_tok_s": 280.0, "memory_bound_tok_s": 1100.0}]
+    png = bench.plot_prefill(pre, tmp_path / "prefill.png")
+    assert matplotlib.get_backend() == caller_backend
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_every_file_that_draws_is_covered():

@@ -77,7 +77,10 @@ def test_gradient_accumulation_matches_a_bigger_batch(data_dir, tmp_path, monkey
     kw = dict(max_iters=1, lr_decay_iters=1, warmup_iters=0, dropout=0.0, seed=1337)
     big = _weights(train(_cfg(data_dir, tmp_path / "big", batch_size=8, grad_accum=1, **kw)))
     acc = _weights(train(_cfg(data_dir, tmp_path / "acc", batch_size=4, grad_accum=2, **kw)))
-    assert max((big[k] - acc[k]).abs().max().item() for k in big) < 1e-6
+    # AdamW's first step moves every weight by about lr * g / (|g| + eps) = 3e-3: a weight whose
+    # gradient is near eps feels the last bits of a reduction order (measured up to 9e-6 on an
+    # AMD EPYC), while a micro-step dropped or counted twice moves weights by a good part of lr
+    assert max((big[k] - acc[k]).abs().max().item() for k in big) < 1e-4
     assert abs(_losses(tmp_path / "big")[0] - _losses(tmp_path / "acc")[0]) < 1e-5
 
 
