@@ -55,11 +55,17 @@ def test_logits_equal_numpy_at_every_position(model_files, name, version):
 def test_same_tokens_as_numpy(model_files, name, version, temperature, topp, seed):
     path = model_files[name, version]
     prompt = [1, 300, 270]
-    ref = list(NumpyLlama.load(path).generate(prompt, 256, temperature, topp, seed))
-    c = CLlama.load(path, threads=2)
-    assert list(c.generate(prompt, 256, temperature, topp, seed)) == ref
-    assert c.generate_native(prompt, 256, temperature, topp, seed) == ref
-    assert len(ref) > 10
+    c, compared = CLlama.load(path, threads=2), 0
+    # a story may end at EOS after a few tokens: compare further seeds until > 10 tokens were
+    # compared (the trained model differs with what earlier tests in the session did)
+    for s in range(seed, seed + 8):
+        ref = list(NumpyLlama.load(path).generate(prompt, 256, temperature, topp, s))
+        assert list(c.generate(prompt, 256, temperature, topp, s)) == ref
+        assert c.generate_native(prompt, 256, temperature, topp, s) == ref
+        compared += len(ref)
+        if compared > 10:
+            break
+    assert compared > 10
 
 
 def test_thread_counts_agree(model_files):

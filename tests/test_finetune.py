@@ -101,10 +101,12 @@ def test_finetune_resumes_exactly(base, data_dir, tmp_path):
 
 def test_finetune_rejects_another_vocabulary(base, data_dir, tmp_path):
     blob = (data_dir / "tok512.bin").read_bytes()
-    off = 4
+    off, longest = 4, 0
     for _ in range(400):   # keep the first 400 records of the 512
-        off += 8 + struct.unpack_from("fi", blob, off)[1]
-    (tmp_path / "tok400.bin").write_bytes(blob[:off])
+        n = struct.unpack_from("fi", blob, off)[1]
+        off, longest = off + 8 + n, max(longest, n)
+    # a valid 400-piece tokenizer: its header holds the longest piece it keeps
+    (tmp_path / "tok400.bin").write_bytes(struct.pack("i", longest) + blob[4:off])
     with pytest.raises(TrainingError, match=r"512 tokens but the tokenizer .*tok400.bin has 400"):
         finetune(base, tmp_path / "ft", tokenizer=tmp_path / "tok400.bin", max_iters=1)
     assert main(["finetune", "--from", str(base), "--out", str(tmp_path / "ft"), "-z",
