@@ -133,31 +133,55 @@ static size_t v2_matrices(bl_model *m, bl_mat *emb, MatInfo *out) {
     return count;
 }
 
-/* v2: every scale finite, or an error naming the tensor and the offset (a NaN scale would
- * turn into int8 garbage in C and NaN in NumPy). The scales sit right after their int8
- * values, so they are 4-byte aligned only when a matrix's size is a multiple of 4 (not with,
- * e.g., dim 6 and 13 tokens): read with memcpy here, and when any is misaligned all are
- * copied, aligned, since the kernels load them as floats. */
-static int check_scales(bl_model *m, bl_mat *emb) {
+/* "layers.3.wq" or "tok_embeddings": the name both engines use in their errors */
+static void mat_name(char *out, size_t len, const MatInfo *info) {
+    if (info->layer >= 0) snprintf(out, len, "layers.%d.%s", info->layer, info->name);
+    else snprintf(out, len, "%s", info->name);
+}
+
+/* one v2 matrix: no int8 value is -128 and every scale is finite, or an error naming the
+ * tensor and the offset of the first bad byte. The writer quantizes to [-127, 127]; -128 is
+ * refused because the SIMD kernels' sign trick (simd.h) negates int8 values, and -(-128) does
+ * not fit in an int8, so those paths would differ from NumPy. A NaN scale would turn into int8
+ * garbage in C and NaN in NumPy. */
+static int check_mat(bl_model *m, const MatInfo *info) {
+    const unsigned char *map = (const unsigned char *)m->map;
+    const unsigned char *q = (const unsigned char *)info->mat->q.q;
+    const unsigned char *s = (const unsigned char *)info->mat->q.s;
+    char name[48];
+    const unsigned char *bad = memchr(q, 0x80, info->n);   /* -128 as a byte */
+    if (bad) {
+        mat_name(name, sizeof name, info);
+        return bl_fail(m->err, sizeof m->err, BL_ERR_FORMAT,
+                       "offset %zu: %s holds the int8 value -128, outside the quantized range [-127, 127]",
+                       (size_t)(bad - map), name);
+    }
+    for (size_t g = 0; g < info->n / (size_t)m->c.group_size; g++) {
+        float v;
+        memcpy(&v, s + 4 * g, 4);
+        if (isfinite(v)) continue;
+        mat_name(name, sizeof name, info);
+        return bl_fail(m->err, sizeof m->err, BL_ERR_FORMAT, "offset %zu: %s has a scale that is not finite (%g)",
+                       (size_t)(s + 4 * g - map), name, v);
+    }
+    return BL_OK;
+}
+
+/* v2: every matrix checked (check_mat), in file order so that the first error is the one
+ * NumPy reports. The scales sit right after their int8 values, so they are 4-byte aligned
+ * only when a matrix's size is a multiple of 4 (not with, e.g., dim 6 and 13 tokens): read
+ * with memcpy in check_mat, and when any is misaligned all are copied, aligned, since the
+ * kernels load them as floats. */
+static int check_quantized(bl_model *m, bl_mat *emb) {
     size_t gs = m->c.group_size, total = 0, count;
     MatInfo *info = malloc((7 * (size_t)m->c.n_layers + 2) * sizeof *info);
     int rc = BL_OK, misaligned = 0;
     if (!info) return bl_fail(m->err, sizeof m->err, BL_ERR_NOMEM, "out of memory");
     count = v2_matrices(m, emb, info);
     for (size_t i = 0; i < count && rc == BL_OK; i++) {
-        const unsigned char *s = (const unsigned char *)info[i].mat->q.s;
-        misaligned |= (uintptr_t)s % sizeof(float) != 0;
+        misaligned |= (uintptr_t)info[i].mat->q.s % sizeof(float) != 0;
         total += info[i].n / gs;
-        for (size_t g = 0; g < info[i].n / gs && rc == BL_OK; g++) {
-            float v;
-            memcpy(&v, s + 4 * g, 4);
-            if (isfinite(v)) continue;
-            char name[48];
-            if (info[i].layer >= 0) snprintf(name, sizeof name, "layers.%d.%s", info[i].layer, info[i].name);
-            else snprintf(name, sizeof name, "%s", info[i].name);
-            rc = bl_fail(m->err, sizeof m->err, BL_ERR_FORMAT, "offset %zu: %s has a scale that is not finite (%g)",
-                         (size_t)(s + 4 * g - (const unsigned char *)m->map), name, v);
-        }
+        rc = check_mat(m, &info[i]);
     }
     float *dst = rc == BL_OK && misaligned ? (m->scales = malloc(total * sizeof(float))) : NULL;
     if (rc == BL_OK && misaligned && !dst) rc = bl_fail(m->err, sizeof m->err, BL_ERR_NOMEM, "out of memory");
@@ -220,7 +244,7 @@ static int map_weights(bl_model *m) {
     if (c->shared) m->output = emb;
     else take_mat(c, &p, &m->output, V * dim);
     if (c->version == 2) {   /* runq.c keeps an fp32 copy of the embeddings to look rows up */
-        int rc = check_scales(m, &emb);
+        int rc = check_quantized(m, &emb);
         if (rc != BL_OK) return rc;
         if (c->shared) m->output = emb;
         m->tok_embeddings = malloc(V * dim * sizeof(float));

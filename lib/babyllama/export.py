@@ -105,7 +105,9 @@ def quantize_q80(w: np.ndarray, group_size: int) -> tuple[np.ndarray, np.ndarray
     w = np.asarray(w, dtype=np.float32).reshape(-1, group_size)
     scale = (np.abs(w).max(axis=1) / np.float32(127.0)).astype(np.float32)
     safe = np.where(scale == 0, np.float32(1.0), scale)
-    q = np.rint(w / safe[:, None]).astype(np.int8)
+    # clipped: with a subnormal max|w| the rounded scale can be smaller than max|w|/127,
+    # and w/scale past 127 would wrap around in int8 (or be -128, which readers refuse)
+    q = np.clip(np.rint(w / safe[:, None]), -127, 127).astype(np.int8)
     err = float(np.abs(q.astype(np.float32) * scale[:, None] - w).max()) if w.size else 0.0
     return q.reshape(-1), scale, err
 
@@ -359,7 +361,7 @@ def read_model(path: str | Path) -> tuple[ModelArgs, Weights]:
         shape = _shape(name, args)
         n = int(np.prod(shape))
         if version == 2 and len(shape) == 2:
-            w[name] = buf[off:off + n].view(np.int8).reshape(shape)
+            w[name] = _int8_values(buf[off:off + n], off, name, path).reshape(shape)
             w[name + ".scale"] = _finite_scales(buf[off + n:off + n + 4 * (n // gs)], off + n,
                                                 name, path)
         else:
@@ -372,6 +374,17 @@ def read_model(path: str | Path) -> tuple[ModelArgs, Weights]:
     w.pop("freq_cis_real", None)
     w.pop("freq_cis_imag", None)
     return args, w
+
+
+def _int8_values(raw: np.ndarray, off: int, name: str, path: str | Path) -> np.ndarray:
+    """The int8 values in `raw`, none of them -128, or an error naming the first: the writer
+    quantizes to [-127, 127], and the C engine's SIMD sign trick negates int8 values, which
+    -128 does not survive (the C loader refuses such a file with the same message)."""
+    bad = raw == 0x80   # -128 as a byte
+    if bad.any():
+        raise ModelFileError(f"{path}: offset {off + int(bad.argmax())}: {name} holds the int8 "
+                             f"value -128, outside the quantized range [-127, 127]")
+    return raw.view(np.int8)
 
 
 def _finite_scales(raw: np.ndarray, off: int, name: str, path: str | Path) -> np.ndarray:
