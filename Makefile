@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup run test lint bench notebooks c clean
+.PHONY: setup run test lint bench notebooks c clean cross-tools
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,14 @@ notebooks: $(STAMP)
 
 c:
 	$(MAKE) -C csrc
+
+# optional, not part of setup: an aarch64 cross compiler and QEMU's user-mode emulators, with
+# which tests/test_cross_arch.py runs the ARM SIMD paths (neon, sdot); without them it skips.
+# Debian/Ubuntu; as root, or through sudo
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+cross-tools:
+	$(SUDO) apt-get update
+	$(SUDO) apt-get install -y gcc-aarch64-linux-gnu qemu-user
 
 clean:
 	rm -rf out build csrc/run csrc/*.so csrc/*.o
