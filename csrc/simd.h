@@ -13,11 +13,15 @@
  *
  * The sign trick (avx2, vnni): the instructions multiply an unsigned byte by a signed one, and
  * a * b = |a| * (b with a's sign applied), so |a| goes in the unsigned operand. Quantized values
- * lie in [-127, 127], so |a| <= 127 fits and no product saturates.
+ * lie in [-127, 127], so |a| <= 127 fits and no product saturates. -128 must not occur: its
+ * negation does not fit in an int8 (_mm256_sign_epi8 leaves it -128), and a group holding it
+ * would sum wrongly. The writer never emits it and both loaders refuse a file that holds it
+ * (model.c check_mat, export.py _int8_values; tests/test_int8_range.py).
  */
 #ifndef BABYLLAMA_SIMD_H
 #define BABYLLAMA_SIMD_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 /* names for -DBL_SIMD=<path> (the preprocessor compares numbers, not words) */

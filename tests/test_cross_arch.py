@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from helpers import scaled_model
+from test_int8_range import IDOT_DRIVER, IDOT_SHAPES, check_idot_output, idot_data
 
 from babyllama import fast_c
 from babyllama.export import write_model
@@ -192,6 +193,23 @@ def test_arm_builds_use_their_instructions(arm_builds):
     assert "sdot" in sdot and "sdot" not in neon
     assert {"smull", "smull2"} & neon and "sadalp" in neon
 
+
+
+def test_arm_group_sums_are_exact_over_the_whole_range(tmp_path):
+    """tests/test_int8_range.py's check of the group sums at +-127, on the ARM paths."""
+    if reason := arm_missing():
+        pytest.skip(reason)
+    for path, march in ARM_PATHS.items():
+        exe = tmp_path / f"idot_{path}"
+        r = subprocess.run([ARM_CC, "-std=c11", "-Wall", "-Wextra", "-Werror", "-O3", march,
+                            f"-DBL_SIMD={path}", f"-I{CSRC}", str(IDOT_DRIVER), "-o", str(exe)],
+                           capture_output=True, text=True)
+        assert r.returncode == 0 and not r.stderr, r.stderr
+        for gs, ngroups in IDOT_SHAPES:
+            data = idot_data(tmp_path / f"{gs}.bin", gs, ngroups)
+            out = subprocess.run([ARM_QEMU, "-cpu", "max", "-L", ARM_SYSROOT, str(exe), str(data)],
+                                 capture_output=True, text=True, check=True, timeout=60)
+            check_idot_output(out.stdout, path, gs, ngroups)
 
 # ----------------------------------------------------------------------------------------------
 # x86 vnni: on the host when it has the instructions, else under qemu-x86_64 if it can

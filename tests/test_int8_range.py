@@ -8,13 +8,16 @@ file layout (DESIGN.md), not from the readers under test."""
 
 from __future__ import annotations
 
+import os
 import struct
+import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 from fuzzing import tiny_weights, write_tiny
 
+from babyllama import fast_c
 from babyllama.config import ModelArgs
 from babyllama.export import ModelFileError, quantize_q80, read_model
 from babyllama.fast_c import CError, CLlama
@@ -24,6 +27,7 @@ A = ModelArgs(dim=8, hidden_dim=16, n_layers=2, n_heads=2, n_kv_heads=1, vocab_s
               max_seq_len=16)
 GS = 4
 TINIEST = np.float32(1.4e-45)   # the smallest subnormal float32
+CSRC = Path(fast_c.__file__).resolve().parents[2] / "csrc"
 
 
 def layout(a: ModelArgs, gs: int, shared: bool) -> dict[str, tuple[int, int]]:
@@ -148,3 +152,81 @@ def test_written_file_with_subnormal_weights_loads_in_both(tmp_path):
     n, c = NumpyLlama.load(path), CLlama.load(path, threads=1)
     toks = [1, 3, 9, 27]
     assert np.abs(n.forward_tokens(toks, 0) - c.forward_tokens(toks, 0)).max() <= 1e-3
+
+
+# ----------------------------------------------------------------------------------------------
+# the SIMD group sums at the ends of the range
+
+IDOT_DRIVER = Path(__file__).resolve().with_name("idot_driver.c")
+IDOT_SHAPES = [(8, 9), (32, 9), (48, 9), (64, 9)]   # (gs, ngroups): 8 groups at once, then 1
+
+
+def extreme_rows(gs: int, ngroups: int) -> tuple[np.ndarray, np.ndarray]:
+    """(x, w), int8 (rows, ngroups * gs): the largest products of either sign, alternating
+    signs, zeros, and random values of the whole range [-127, 127]."""
+    n = gs * ngroups
+    rng = np.random.default_rng(gs)
+    alt = np.where(np.arange(n) % 2, 127, -127)
+    pairs = [(127, 127), (-127, 127), (127, -127), (-127, -127), (alt, alt), (alt, -alt),
+             (alt, 127), (0, -127)]
+    x = [np.broadcast_to(a, n) for a, _ in pairs]
+    w = [np.broadcast_to(b, n) for _, b in pairs]
+    for _ in range(6):
+        x.append(rng.integers(-127, 128, n))
+        w.append(rng.choice([-127, -126, -1, 0, 1, 126, 127], n))
+    return np.array(x, dtype=np.int8), np.array(w, dtype=np.int8)
+
+
+def idot_data(path: Path, gs: int, ngroups: int) -> Path:
+    x, w = extreme_rows(gs, ngroups)
+    with open(path, "wb") as f:
+        f.write(np.array([gs, ngroups, len(x)], dtype=np.int32).tobytes())
+        for xr, wr in zip(x, w):
+            f.write(xr.tobytes() + wr.tobytes())
+    return path
+
+
+def check_idot_output(out: str, path: str, gs: int, ngroups: int) -> None:
+    """The driver's group sums and row sums against NumPy's int64 ones."""
+    lines = out.splitlines()
+    assert lines[0] == path
+    x, w = extreme_rows(gs, ngroups)
+    groups = (x.astype(np.int64) * w).reshape(len(x), ngroups, gs).sum(axis=-1)
+    got = np.array([[float(v) for v in ln.split()] for ln in lines[1:]])
+    assert np.array_equal(got[:, :-1], groups), (path, gs)
+    assert np.array_equal(got[:, -1], groups.sum(axis=-1)), (path, gs)   # all below 2^24
+
+
+def host_paths() -> dict[str, list[str]]:
+    """The SIMD paths this CPU runs, with their compiler flags."""
+    cpuinfo = Path("/proc/cpuinfo")
+    flags = set(cpuinfo.read_text().split()) if cpuinfo.exists() else set()
+    paths = {"portable": [], "vnni_emul": []}
+    if {"avx2", "fma"} <= flags:
+        paths["avx2"] = ["-mavx2", "-mfma"]
+        paths["vnni_emul"] = ["-mavx2", "-mfma"]   # the AVX2 fp32 kernels beside it, as built
+    if "avx_vnni" in flags:
+        paths["vnni"] = ["-mavx2", "-mfma", "-mavxvnni"]
+    elif {"avx512_vnni", "avx512vl"} <= flags:
+        paths["vnni"] = ["-mavx2", "-mfma", "-mavx512vnni", "-mavx512vl"]
+    if os.uname().machine in ("aarch64", "arm64"):
+        paths["neon"] = []
+        if "asimddp" in flags:
+            paths["sdot"] = ["-march=armv8.2-a+dotprod"]
+    return paths
+
+
+def test_group_sums_are_exact_over_the_whole_range(tmp_path):
+    """Every path this CPU runs (tests/test_cross_arch.py runs the ARM ones under QEMU): the
+    sign trick and the 16-bit pair sums of avx2 must not saturate at +-127 * +-127."""
+    cc = os.environ.get("CC") or "cc"
+    for path, flags in host_paths().items():
+        exe = tmp_path / f"idot_{path}"
+        r = subprocess.run([cc, "-std=c11", "-Wall", "-Wextra", "-Werror", "-O3", *flags,
+                            f"-DBL_SIMD={path}", f"-I{CSRC}", str(IDOT_DRIVER), "-o", str(exe)],
+                           capture_output=True, text=True)
+        assert r.returncode == 0 and not r.stderr, r.stderr
+        for gs, ngroups in IDOT_SHAPES:
+            data = idot_data(tmp_path / f"{gs}.bin", gs, ngroups)
+            out = subprocess.run([str(exe), str(data)], capture_output=True, text=True, check=True)
+            check_idot_output(out.stdout, path, gs, ngroups)
