@@ -28,7 +28,7 @@ int main(int argc, char **argv) {
     if (argc != 6) return fail("usage", "driver MODEL THREADS TOKENS.i32 OUT.f32 STEPS");
     char err[1024];
     bl_model *m;
-    if (bl_model_open(argv[1], atoi(argv[2]), &m, err, sizeof err) != BL_OK) return fail(argv[1], err);
+    if (bl_model_open(argv[1], atoi(argv[2]), &m, err, sizeof err) != BL_OK) return fail("bl_model_open", err);
     int32_t cfg[BL_CONFIG_LEN];
     bl_model_config(m, cfg);
     int vocab = cfg[5];
