@@ -155,7 +155,7 @@ assert abs(score(5, 2) - score(40, 37)) <= 1e-4
 #
 # **Why divide the scores by √head_dim?** A score is a sum of `head_dim` products. If q's and
 # k's entries have unit variance, the sum has variance `head_dim`: with 64 dimensions the
-# scores spread over ±8 or more, and softmax of such numbers puts nearly all the weight on one
+# scores spread over ±8 or more, and softmax of such numbers puts most of the weight on one
 # key — and passes back almost no gradient to the others. Dividing by `√head_dim` brings the
 # spread back to about 1, whatever the head size:
 
@@ -169,6 +169,7 @@ for hd in (16, 64, 256):
     print(f"head_dim {hd:3d}: std of q·k {raw.std():5.1f}, of q·k/√head_dim "
           f"{(raw / math.sqrt(hd)).std():.2f};  largest softmax weight (16 keys) "
           f"{top_raw:.2f} unscaled, {top_scaled:.2f} scaled")
+    assert abs((raw / math.sqrt(hd)).std().item() - 1) < 0.1   # scaled spread ~1, any head_dim
 
 # %% [markdown]
 # With **grouped-query attention** (GQA) several query heads share one key/value head, which
@@ -243,8 +244,8 @@ print("hidden_dim:", args.hidden_dim, " w1, w3:", tuple(ff.w1.weight.shape),
 # ## 2.5 The whole model, and how it starts
 #
 # `Transformer.forward(tokens, targets)` returns logits for every position and, given targets,
-# the cross-entropy loss. Every weight starts as a draw from a normal distribution with std
-# 0.02, except two kinds, which get `0.02 / √(2·n_layers)`. The reason (from GPT-2): each of
+# the cross-entropy loss. Every matrix starts as a draw from a normal distribution with std
+# 0.02 (the RMSNorm gains start at 1), except two kinds, which get `0.02 / √(2·n_layers)`. The reason (from GPT-2): each of
 # the `2·n_layers` sub-blocks *adds* its output to the residual stream, so at initialisation
 # the stream's variance grows with every addition; shrinking what each one adds keeps the
 # stream's scale independent of depth. The matrices to shrink are the ones that write into
@@ -297,8 +298,9 @@ for name, a in PRESETS.items():
 #   keys: a constant amount of projection work plus *O(t)* attention per step, so *O(T)* token
 #   passes (and *O(T²)* attention) for *T* tokens.
 #
-# The price is memory: `2 · n_layers · max_seq_len · kv_dim` numbers per sequence (one key and
-# one value per layer, position and KV channel) — which is what GQA's fewer KV heads shrink.
+# The price is memory: `2 · n_layers · max_seq_len · kv_dim` numbers per sequence, where
+# `kv_dim = n_kv_heads · head_dim` (one key and one value per layer, position and KV channel)
+# — which is what GQA's fewer KV heads shrink.
 #
 # Attention for one new token over the cache, written out for a single token vector:
 
@@ -374,10 +376,17 @@ with torch.no_grad():
 print("saved and reloaded: identical logits")
 print("greedy continuation of [1, 42] by the untrained model:",
       model.generate([1, 42], max_new_tokens=8, temperature=0.0))
+with torch.no_grad():
+    echo = (model(x)[0][0].argmax(-1) == x[0]).float().mean().item()
+print(f"positions where the untrained model's top score is the input token itself: {echo:.0%}")
 
 # %% [markdown]
-# An untrained model repeats itself: its logits barely depend on the input yet. Chapter 3
-# trains one.
+# An untrained model echoes its input. Its blocks add only small numbers to the residual
+# stream (the small init above), so the last hidden state is still, in direction, the
+# embedding of the current token; and because the classifier *is* the embedding matrix, the
+# highest score goes to the token whose embedding points the same way — that token itself
+# (`e·e` is large, `e·e'` for two random embeddings is near 0). Chapter 3 trains it out of
+# this.
 #
 # ## Exercises
 #
