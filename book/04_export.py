@@ -334,7 +334,7 @@ assert agree > 0.9
 # `wk`, `wv`) by `n_heads / n_kv_heads`. Below, the weights are counted from the shapes, in
 # fp32 and in Q8_0; the cache for one sequence at full context, in fp32 and in int8 (1 byte and
 # a fp32 scale per 32 values, as the weights; our engines keep their cache in fp32), without
-# GQA (`n_kv_heads = n_heads`) and with it: stories260K's own 4 KV heads for 8 query heads,
+# GQA (`n_kv_heads = n_heads`, plain multi-head attention: "MHA" in the table) and with it: stories260K's own 4 KV heads for 8 query heads,
 # and for the others (which do not use GQA) the fewest KV heads that serve at most 4 query
 # heads each. Llama 2 7B does not use GQA; its 34B and 70B siblings do, with 8 KV heads.
 

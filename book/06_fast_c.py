@@ -450,8 +450,8 @@ for hidden in (172, 192):
     tok_s = max(gen_speed(engine) for _ in range(3))
     fp32_tok_s = speed["stories260K", "fp32", 1]
     print(f"hidden_dim {hidden}: group size {choose_group_size(a):2}, int8 {tok_s:7.0f} tok/s at "
-          f"1 thread, {fp32_tok_s / tok_s:.1f}× slower than fp32 with hidden_dim 172 "
-          f"({fp32_tok_s:.0f} tok/s)")
+          f"1 thread; fp32 (hidden_dim 172, {fp32_tok_s:.0f} tok/s) ÷ int8 = "
+          f"{fp32_tok_s / tok_s:.1f}")
 
 # %% [markdown]
 # ### Why 2 threads can be slower than 1 on a tiny model
@@ -654,12 +654,18 @@ fig.tight_layout()
 plt.show()
 
 # %% [markdown]
-# At T = 1 both formats sit on the slanted roof: decoding is memory-bound, and int8's points
-# lie to the right of fp32's because the same flops need a quarter of the bytes. As T grows the
-# points climb until arithmetic limits them. Our Q8_0 kernel flattens out lower than fp32's:
-# with int8 every group of 64 products ends in a horizontal sum, a conversion and two float
-# multiplies, work a BLAS-style fp32 kernel does not have — which is where the integer
-# dot-product instructions below come in. `bench/bench_engines.py` prints the same comparison
+# At T = 1 both formats are under the slanted roof: decoding is memory-bound, and int8's
+# points lie to the right of fp32's because the same flops need 1.125 bytes a weight instead
+# of 4. As T grows each byte serves more flops and the points climb (compare the tok/s at
+# T = 64 with T = 1 in the table) — but they level off well below the flat roof, at a
+# fraction of what NumPy's BLAS does on the same core. That is the price of a promise made
+# above: each (row, token) sum runs in the decoding kernel's order, one dot product at a time
+# ending in a horizontal sum, so that prefill and decoding give the same bits. A BLAS is free
+# to reorder: it keeps a block of *outputs* in registers and updates them all with each
+# weight it loads, with no horizontal sums at all. Our Q8_0 kernel flattens out lower than
+# fp32's: with int8 every group of `gs` products (32 here) ends in a horizontal sum, a
+# conversion and two float multiplies — which is where the integer dot-product instructions
+# below come in. `bench/bench_engines.py` prints the same comparison
 # for the 15M and 110M shapes, batched against token by token, beside llama2.c.
 #
 # ## 6.7 Integer dot products: VNNI and sdot
