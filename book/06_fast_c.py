@@ -260,8 +260,9 @@ print("Once upon a time" + "".join(tok.stream(engine.generate(start, 256, 0.8, 0
 # On the machine this book was written on (2 cores), `bench/bench_engines.py --llama2c`
 # measured our CLI against llama2.c's `run` and `runq` (built `-Ofast -fopenmp
 # -march=native`) on the same files, as the median ratio (our tokens/s ÷ llama2.c's: above 1,
-# ours is faster) of 7 back-to-back pairs, at 1 and 2 threads: stories15M fp32 1.16× and 1.24×, int8 1.45× and 1.54×; stories110M fp32 1.20× and
-# 1.22×, int8 1.54× and 1.39×; stories260K fp32 1.10× and 1.45×, int8 1.36× and 1.37×.
+# ours is faster) of 7 back-to-back pairs, at 1 and 2 threads: stories15M fp32 1.16× and
+# 1.24×, int8 1.45× and 1.54×; stories110M fp32 1.20× and 1.22×, int8 1.54× and 1.39×;
+# stories260K fp32 1.10× and 1.45×, int8 1.36× and 1.37×.
 #
 
 # %% [markdown]
@@ -387,8 +388,8 @@ plt.show()
 #   multiplies by the scales; and before every matmul it quantizes the activations. So int8's
 #   limit is in *weights per second* (tok/s × weights per token), while fp32's is bandwidth ÷
 #   4 bytes weights per second. The gain of int8 over fp32 is the ratio of the two:
-#   `gain ≈ int8 weights/s × 4 bytes ÷ bandwidth` — about 2× on this machine, for 15M and
-#   110M alike (the cell below computes it from this run's numbers).
+#   `gain ≈ int8 weights/s × 4 bytes ÷ bandwidth` — 2 to 2.5× in our runs on this machine,
+#   for 15M and 110M alike (the cell below computes it from this run's numbers).
 # - **The gain depends on the CPU.** It is the ratio of two different limits, int8
 #   arithmetic against fp32 memory traffic: `gain ≈ int8 weights/s × 4 bytes ÷ bandwidth`. A
 #   CPU with more memory bandwidth per core runs fp32 faster but int8 no faster, and there the
@@ -509,7 +510,7 @@ else:
         print(f"{d_:4} x {n_:3} matmul: 1 thread {us[1]:8.2f} µs, 2 threads {us[2]:8.2f} µs")
 
 # %% [markdown]
-# (Both 64 × 64 timings are mostly the cost of calling C from Python through `ctypes`, the
+# (Much of both 64 × 64 timings is the cost of calling C from Python through `ctypes`, the
 # same at 1 and 2 threads; what the second thread adds is their difference, about one
 # fork-join. On the large matrix the work dwarfs it, and 2 threads nearly halve the time.)
 #
@@ -528,9 +529,9 @@ else:
 # A decoding step is a chain of matrix–vector products: every weight is loaded once and used
 # for one multiply-add, 2 flops per weight. In fp32 that is 2 flops per 4 bytes, an
 # *arithmetic intensity* of 0.5 flop/byte; in Q8_0 2 flops per `1 + 4/gs` bytes (1.125 with
-# groups of 32), about 1.8 flop/byte. A core can do
-# far more arithmetic per second than that times its memory bandwidth, so decoding waits on
-# memory, and the best a step can do is bandwidth ÷ bytes per token.
+# groups of 32), about 1.8 flop/byte. A core can do far more arithmetic per second than that
+# times its memory bandwidth, so decoding waits on memory, and the best a step can do is
+# bandwidth ÷ bytes per token.
 #
 # A prompt is different: all its tokens are known, so they can go through each layer together.
 # Then each matmul is matrix–matrix, `X (T, n) @ Wᵀ`, and every weight loaded serves T tokens:
@@ -659,13 +660,13 @@ plt.show()
 # of 4. As T grows each byte serves more flops and the points climb (compare the tok/s at
 # T = 64 with T = 1 in the table) — but they level off well below the flat roof, at a
 # fraction of what NumPy's BLAS does on the same core. That is the price of a promise made
-# above: each (row, token) sum runs in the decoding kernel's order, one dot product at a time
-# ending in a horizontal sum, so that prefill and decoding give the same bits. A BLAS is free
-# to reorder: it keeps a block of *outputs* in registers and updates them all with each
-# weight it loads, with no horizontal sums at all. Our Q8_0 kernel flattens out lower than
-# fp32's: with int8 every group of `gs` products (32 here) ends in a horizontal sum, a
-# conversion and two float multiplies — which is where the integer dot-product instructions
-# below come in. `bench/bench_engines.py` prints the same comparison
+# above: each (row, token) sum runs in the decoding kernel's order — its own 8-lane
+# accumulator along the row, then a horizontal sum — so that prefill and decoding give the
+# same bits. A BLAS is free to reorder: it keeps a block of *outputs* in registers and updates
+# them all with each weight it loads, with no horizontal sums at all. Our Q8_0 kernel
+# flattens out lower than fp32's: with int8 every group of `gs` products (32 here) ends in a
+# horizontal sum, a conversion and two float multiplies — which is where the integer
+# dot-product instructions below come in. `bench/bench_engines.py` prints the same comparison
 # for the 15M and 110M shapes, batched against token by token, beside llama2.c.
 #
 # ## 6.7 Integer dot products: VNNI and sdot
