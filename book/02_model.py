@@ -243,12 +243,50 @@ print("hidden_dim:", args.hidden_dim, " w1, w3:", tuple(ff.w1.weight.shape),
 # %% [markdown]
 # ## 2.5 The whole model, and how it starts
 #
+# Every piece is written; the model is those pieces in order. Look up each token's embedding;
+# in every layer, normalise, project to q, k and v, rotate q and k, attend (each query head
+# reading its shared KV head), project back with `wo` and add; normalise, feed forward and
+# add; then a final RMSNorm and the classifier, which is the embedding matrix again. Our
+# pieces, assembled around a model's weights, against the library's `Transformer` (which
+# chapter 3 trains):
+
+# %%
+def transformer_naive(model: Transformer, tokens: torch.Tensor) -> torch.Tensor:
+    """Logits (B, T, vocab_size) of `tokens` (B, T), from our pieces and the model's weights."""
+    a = model.params
+    B, T = tokens.shape
+    cos, sin = model.freqs_cos[:T], model.freqs_sin[:T]
+    x = model.tok_embeddings.weight[tokens]                                   # (B, T, dim)
+    for layer in model.layers:
+        att, ff = layer.attention, layer.feed_forward
+        xn = rmsnorm_naive(x, layer.attention_norm.weight, a.norm_eps)
+        q = (xn @ att.wq.weight.T).view(B, T, a.n_heads, a.head_dim)
+        k = (xn @ att.wk.weight.T).view(B, T, a.n_kv_heads, a.head_dim)
+        v = (xn @ att.wv.weight.T).view(B, T, a.n_kv_heads, a.head_dim)
+        q, k = rotate_pairs_naive(q, cos, sin), rotate_pairs_naive(k, cos, sin)
+        k = repeat_kv_naive(k, a.n_heads // a.n_kv_heads)
+        v = repeat_kv_naive(v, a.n_heads // a.n_kv_heads)
+        out = attention_naive(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        h = x + out.transpose(1, 2).reshape(B, T, a.dim) @ att.wo.weight.T    # (B, T, dim)
+        hn = rmsnorm_naive(h, layer.ffn_norm.weight, a.norm_eps)
+        x = h + feed_forward_naive(hn, ff.w1.weight, ff.w2.weight, ff.w3.weight)
+    return rmsnorm_naive(x, model.norm.weight, a.norm_eps) @ model.output.weight.T
+
+
+toks = torch.randint(0, args.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
+with torch.no_grad():
+    diff = (transformer_naive(model, toks) - model(toks)[0]).abs().max().item()
+print(f"our pieces assembled vs the library's Transformer: max |Δlogit| = {diff:.1e}  "
+      f"(bound 1e-5)")
+assert diff <= 1e-5
+
+# %% [markdown]
 # `Transformer.forward(tokens, targets)` returns logits for every position and, given targets,
 # the cross-entropy loss. Every matrix starts as a draw from a normal distribution with std
-# 0.02 (the RMSNorm gains start at 1), except two kinds, which get `0.02 / √(2·n_layers)`. The reason (from GPT-2): each of
-# the `2·n_layers` sub-blocks *adds* its output to the residual stream, so at initialisation
-# the stream's variance grows with every addition; shrinking what each one adds keeps the
-# stream's scale independent of depth. The matrices to shrink are the ones that write into
+# 0.02 (the RMSNorm gains start at 1), except two kinds, which get `0.02 / √(2·n_layers)`.
+# The reason (from GPT-2): each of the `2·n_layers` sub-blocks *adds* its output to the
+# residual stream, so at initialisation the stream's variance grows with every addition;
+# shrinking what each one adds keeps the stream's scale independent of depth. The matrices to shrink are the ones that write into
 # the stream: `wo` for attention and `w2` (the down projection) for the feed-forward.
 #
 # llama2.c's `model.py` — and this library, to start from the same weights — shrinks **`wo`
