@@ -286,8 +286,9 @@ assert diff <= 1e-5
 # 0.02 (the RMSNorm gains start at 1), except two kinds, which get `0.02 / √(2·n_layers)`.
 # The reason (from GPT-2): each of the `2·n_layers` sub-blocks *adds* its output to the
 # residual stream, so at initialisation the stream's variance grows with every addition;
-# shrinking what each one adds keeps the stream's scale independent of depth. The matrices to shrink are the ones that write into
-# the stream: `wo` for attention and `w2` (the down projection) for the feed-forward.
+# shrinking what each one adds keeps the stream's scale independent of depth. The matrices to
+# shrink are the ones that write into the stream: `wo` for attention and `w2` (the down
+# projection) for the feed-forward.
 #
 # llama2.c's `model.py` — and this library, to start from the same weights — shrinks **`wo`
 # and `w3`**. `w3` is the *up* projection, not the one that writes into the stream; but the

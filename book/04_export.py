@@ -291,8 +291,8 @@ rel_err = []
 for g in sizes:
     num = 0   # squared error summed over every matrix
     for m in mats:
-        q, s, _ = quantize_q80(m, g)   # int8 values, one scale per group of g
-        num += np.sum((q.reshape(-1, g) * s[:, None] - m.reshape(-1, g)) ** 2)
+        q_g, s_g, _ = quantize_q80(m, g)   # int8 values, one scale per group of g
+        num += np.sum((q_g.reshape(-1, g) * s_g[:, None] - m.reshape(-1, g)) ** 2)
     rel_err.append(float(np.sqrt(num / sum(np.sum(m.astype(np.float64) ** 2) for m in mats))))
 fig, ax = plt.subplots(figsize=(6, 3))
 ax.plot(sizes, [100 * e for e in rel_err], "o-", color="tab:blue")
@@ -334,9 +334,10 @@ assert agree > 0.9
 # `wk`, `wv`) by `n_heads / n_kv_heads`. Below, the weights are counted from the shapes, in
 # fp32 and in Q8_0; the cache for one sequence at full context, in fp32 and in int8 (1 byte and
 # a fp32 scale per 32 values, as the weights; our engines keep their cache in fp32), without
-# GQA (`n_kv_heads = n_heads`, plain multi-head attention: "MHA" in the table) and with it: stories260K's own 4 KV heads for 8 query heads,
-# and for the others (which do not use GQA) the fewest KV heads that serve at most 4 query
-# heads each. Llama 2 7B does not use GQA; its 34B and 70B siblings do, with 8 KV heads.
+# GQA (`n_kv_heads = n_heads`, plain multi-head attention: "MHA" in the table) and with it:
+# stories260K's own 4 KV heads for 8 query heads, and for the others (which do not use GQA)
+# the fewest KV heads that serve at most 4 query heads each. Llama 2 7B does not use GQA;
+# its 34B and 70B siblings do, with 8 KV heads.
 
 # %%
 def weight_bytes(a: ModelArgs, shared: bool, int8: bool) -> int:

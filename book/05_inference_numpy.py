@@ -523,7 +523,7 @@ before_tokens, before_k = list(ctx.tokens), engine.key_cache.copy()
 stream.append(int(np.argmax(logits)))
 logits = ctx.feed(stream[-1:])   # one token too many: the window shifts
 after_tokens = list(ctx.tokens)
-first_kept = len(stream) - (len(after_tokens) - 1)   # stream index (= old slot) of the token now in slot 1
+first_kept = len(stream) - (len(after_tokens) - 1)   # old slot (= stream index) of new slot 1
 slide = first_kept - 1                                # every kept token moves down this many slots
 n_moved = seq_len - first_kept                       # kept tokens that were already cached
 print(f"before: {len(before_tokens)} tokens; after: {len(after_tokens)} "

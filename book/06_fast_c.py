@@ -615,7 +615,8 @@ pf_files = bench_engines.make_files("stories15M")   # {0: fp32, 2: int8}; bench_
 bw, peak = pf_bandwidth(), pf_peak()
 a_ = CLlama.load(pf_files[0], threads=1).args
 kv_dim = a_.n_kv_heads * a_.head_dim
-layer_weights = a_.n_layers * (2 * a_.dim * a_.dim + 2 * kv_dim * a_.dim + 3 * a_.dim * a_.hidden_dim)
+layer_weights = a_.n_layers * (2 * a_.dim * a_.dim + 2 * kv_dim * a_.dim      # wq wo, wk wv
+                               + 3 * a_.dim * a_.hidden_dim)                  # w1 w2 w3
 cls_weights = a_.vocab_size * a_.dim   # the classifier: read once, used for the last token only
 print(f"one core: read bandwidth {bw / 1e9:.1f} GB/s, compute peak (NumPy matmul, 1 thread) "
       f"{peak / 1e9:.0f} GFLOP/s, ridge at {peak / bw:.1f} flop/byte")
