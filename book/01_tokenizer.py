@@ -29,7 +29,8 @@
 # 4. write our own encoder that reads only `tokenizer.bin` — and check it gives exactly
 #    SentencePiece's ids.
 #
-# The finished code lives in `babyllama.tokenizer`; chapters 5 and 6 use it.
+# The finished code lives in `babyllama.tokenizer`; every later chapter uses it (chapter 3 to
+# encode the training data, chapters 5 and 6 to turn generated ids back into text).
 #
 # **The data.** llama2.c trains on TinyStories: two million short stories written by GPT-3.5
 # and GPT-4, a 1.5 GB download. This book must run offline in a few minutes, so it uses a
@@ -67,7 +68,7 @@ print(f"{sum(sentences.values()):,} sentences; {repeated:.0%} of them occur more
 print("most common:", sentences.most_common(3))
 
 # %% [markdown]
-# A closed list of about 1,500 words, and most sentences repeated verbatim somewhere else: a
+# A closed list of under 2,000 words, and most sentences repeated verbatim somewhere else: a
 # model learns this corpus far faster, and to a far lower loss, than it would learn
 # TinyStories (TinyStories has tens of thousands of distinct words, and its sentences rarely
 # repeat). So the losses in chapter 3 say how well the model learned *these* stories; they are
@@ -117,7 +118,8 @@ for i, (a, b) in enumerate(toy_merges):
 
 # %% [markdown]
 # The first merges glue a space to the most common letters and build the most common words
-# ("▁the", "▁a"), exactly as you would expect from English.
+# ("▁the", "▁a"), exactly as you would expect from English. (`▁` is SentencePiece's mark for
+# "a space came before this": words carry their leading space, so decoding is concatenation.)
 #
 # ## 1.2 The real vocabulary
 #
@@ -236,6 +238,8 @@ print("the library's read_tokenizer_bin gives the same first 5 records; the file
 
 # %%
 def encode_naive(text: str, pieces: list[bytes], scores: list[float]) -> list[int]:
+    # text -> id for the normal pieces (ids >= 259): the special and byte pieces are never
+    # matched by their names (`<s>`, `<0x41>`) when encoding
     lookup = {p.decode("utf-8", "replace"): i for i, p in enumerate(pieces) if i >= 259}
     ids = []
     for ch in " " + text:
@@ -245,7 +249,7 @@ def encode_naive(text: str, pieces: list[bytes], scores: list[float]) -> list[in
             ids.extend(3 + b for b in ch.encode("utf-8"))   # byte fallback
     while True:
         best, where = None, None
-        for i in range(len(ids) - 1):
+        for i in range(len(ids) - 1):   # the best-scoring pair anywhere; byte pieces never merge
             merged = lookup.get((pieces[ids[i]] + pieces[ids[i + 1]]).decode("utf-8", "replace"))
             if merged is not None and ids[i] >= 259 and ids[i + 1] >= 259 and \
                     (best is None or scores[merged] > scores[best]):

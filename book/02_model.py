@@ -155,7 +155,7 @@ assert abs(score(5, 2) - score(40, 37)) <= 1e-4
 #
 # **Why divide the scores by √head_dim?** A score is a sum of `head_dim` products. If q's and
 # k's entries have unit variance, the sum has variance `head_dim`: with 64 dimensions the
-# scores spread over ±8 or more, and softmax of such numbers puts nearly all the weight on one
+# scores spread over ±8 or more, and softmax of such numbers puts most of the weight on one
 # key — and passes back almost no gradient to the others. Dividing by `√head_dim` brings the
 # spread back to about 1, whatever the head size:
 
@@ -169,6 +169,7 @@ for hd in (16, 64, 256):
     print(f"head_dim {hd:3d}: std of q·k {raw.std():5.1f}, of q·k/√head_dim "
           f"{(raw / math.sqrt(hd)).std():.2f};  largest softmax weight (16 keys) "
           f"{top_raw:.2f} unscaled, {top_scaled:.2f} scaled")
+    assert abs((raw / math.sqrt(hd)).std().item() - 1) < 0.1   # scaled spread ~1, any head_dim
 
 # %% [markdown]
 # With **grouped-query attention** (GQA) several query heads share one key/value head, which
@@ -242,13 +243,52 @@ print("hidden_dim:", args.hidden_dim, " w1, w3:", tuple(ff.w1.weight.shape),
 # %% [markdown]
 # ## 2.5 The whole model, and how it starts
 #
+# Every piece is written; the model is those pieces in order. Look up each token's embedding;
+# in every layer, normalise, project to q, k and v, rotate q and k, attend (each query head
+# reading its shared KV head), project back with `wo` and add; normalise, feed forward and
+# add; then a final RMSNorm and the classifier, which is the embedding matrix again. Our
+# pieces, assembled around a model's weights, against the library's `Transformer` (which
+# chapter 3 trains):
+
+# %%
+def transformer_naive(model: Transformer, tokens: torch.Tensor) -> torch.Tensor:
+    """Logits (B, T, vocab_size) of `tokens` (B, T), from our pieces and the model's weights."""
+    a = model.params
+    B, T = tokens.shape
+    cos, sin = model.freqs_cos[:T], model.freqs_sin[:T]
+    x = model.tok_embeddings.weight[tokens]                                   # (B, T, dim)
+    for layer in model.layers:
+        att, ff = layer.attention, layer.feed_forward
+        xn = rmsnorm_naive(x, layer.attention_norm.weight, a.norm_eps)
+        q = (xn @ att.wq.weight.T).view(B, T, a.n_heads, a.head_dim)
+        k = (xn @ att.wk.weight.T).view(B, T, a.n_kv_heads, a.head_dim)
+        v = (xn @ att.wv.weight.T).view(B, T, a.n_kv_heads, a.head_dim)
+        q, k = rotate_pairs_naive(q, cos, sin), rotate_pairs_naive(k, cos, sin)
+        k = repeat_kv_naive(k, a.n_heads // a.n_kv_heads)
+        v = repeat_kv_naive(v, a.n_heads // a.n_kv_heads)
+        out = attention_naive(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        h = x + out.transpose(1, 2).reshape(B, T, a.dim) @ att.wo.weight.T    # (B, T, dim)
+        hn = rmsnorm_naive(h, layer.ffn_norm.weight, a.norm_eps)
+        x = h + feed_forward_naive(hn, ff.w1.weight, ff.w2.weight, ff.w3.weight)
+    return rmsnorm_naive(x, model.norm.weight, a.norm_eps) @ model.output.weight.T
+
+
+toks = torch.randint(0, args.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
+with torch.no_grad():
+    diff = (transformer_naive(model, toks) - model(toks)[0]).abs().max().item()
+print(f"our pieces assembled vs the library's Transformer: max |Δlogit| = {diff:.1e}  "
+      f"(bound 1e-5)")
+assert diff <= 1e-5
+
+# %% [markdown]
 # `Transformer.forward(tokens, targets)` returns logits for every position and, given targets,
-# the cross-entropy loss. Every weight starts as a draw from a normal distribution with std
-# 0.02, except two kinds, which get `0.02 / √(2·n_layers)`. The reason (from GPT-2): each of
-# the `2·n_layers` sub-blocks *adds* its output to the residual stream, so at initialisation
-# the stream's variance grows with every addition; shrinking what each one adds keeps the
-# stream's scale independent of depth. The matrices to shrink are the ones that write into
-# the stream: `wo` for attention and `w2` (the down projection) for the feed-forward.
+# the cross-entropy loss. Every matrix starts as a draw from a normal distribution with std
+# 0.02 (the RMSNorm gains start at 1), except two kinds, which get `0.02 / √(2·n_layers)`.
+# The reason (from GPT-2): each of the `2·n_layers` sub-blocks *adds* its output to the
+# residual stream, so at initialisation the stream's variance grows with every addition;
+# shrinking what each one adds keeps the stream's scale independent of depth. The matrices to
+# shrink are the ones that write into the stream: `wo` for attention and `w2` (the down
+# projection) for the feed-forward.
 #
 # llama2.c's `model.py` — and this library, to start from the same weights — shrinks **`wo`
 # and `w3`**. `w3` is the *up* projection, not the one that writes into the stream; but the
@@ -297,8 +337,9 @@ for name, a in PRESETS.items():
 #   keys: a constant amount of projection work plus *O(t)* attention per step, so *O(T)* token
 #   passes (and *O(T²)* attention) for *T* tokens.
 #
-# The price is memory: `2 · n_layers · max_seq_len · kv_dim` numbers per sequence (one key and
-# one value per layer, position and KV channel) — which is what GQA's fewer KV heads shrink.
+# The price is memory: `2 · n_layers · max_seq_len · kv_dim` numbers per sequence, where
+# `kv_dim = n_kv_heads · head_dim` (one key and one value per layer, position and KV channel)
+# — which is what GQA's fewer KV heads shrink.
 #
 # Attention for one new token over the cache, written out for a single token vector:
 
@@ -374,10 +415,17 @@ with torch.no_grad():
 print("saved and reloaded: identical logits")
 print("greedy continuation of [1, 42] by the untrained model:",
       model.generate([1, 42], max_new_tokens=8, temperature=0.0))
+with torch.no_grad():
+    echo = (model(x)[0][0].argmax(-1) == x[0]).float().mean().item()
+print(f"positions where the untrained model's top score is the input token itself: {echo:.0%}")
 
 # %% [markdown]
-# An untrained model repeats itself: its logits barely depend on the input yet. Chapter 3
-# trains one.
+# An untrained model echoes its input. Its blocks add only small numbers to the residual
+# stream (the small init above), so the last hidden state is still, in direction, the
+# embedding of the current token; and because the classifier *is* the embedding matrix, the
+# highest score goes to the token whose embedding points the same way — that token itself
+# (`e·e` is large, `e·e'` for two random embeddings is near 0). Chapter 3 trains it out of
+# this.
 #
 # ## Exercises
 #

@@ -165,7 +165,8 @@ print("shared classifier:", raw[36], " group size:", struct.unpack_from("<i", ra
 #
 # Every offset follows from the header. Here is the v1 layout of our model (norms first, then
 # the embedding and the matrices); the test suite builds reference files from the published
-# description alone and compares them with ours byte for byte.
+# description alone and compares them with ours byte for byte. (In the bar below the norms,
+# 4.6 KB in all, are too thin to see at the left edge: nearly every byte is a matrix.)
 
 # %%
 _, ver, shared, gs, header = read_header(files[1])
@@ -288,8 +289,10 @@ mats = [w[k] for k in w if w[k].ndim == 2]
 sizes = [4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096]
 rel_err = []
 for g in sizes:
-    num = sum(np.sum((quantize_q80(m, g)[0].reshape(-1, g) * quantize_q80(m, g)[1][:, None]
-                      - m.reshape(-1, g)) ** 2) for m in mats)
+    num = 0   # squared error summed over every matrix
+    for m in mats:
+        q_g, s_g, _ = quantize_q80(m, g)   # int8 values, one scale per group of g
+        num += np.sum((q_g.reshape(-1, g) * s_g[:, None] - m.reshape(-1, g)) ** 2)
     rel_err.append(float(np.sqrt(num / sum(np.sum(m.astype(np.float64) ** 2) for m in mats))))
 fig, ax = plt.subplots(figsize=(6, 3))
 ax.plot(sizes, [100 * e for e in rel_err], "o-", color="tab:blue")
@@ -331,9 +334,10 @@ assert agree > 0.9
 # `wk`, `wv`) by `n_heads / n_kv_heads`. Below, the weights are counted from the shapes, in
 # fp32 and in Q8_0; the cache for one sequence at full context, in fp32 and in int8 (1 byte and
 # a fp32 scale per 32 values, as the weights; our engines keep their cache in fp32), without
-# GQA (`n_kv_heads = n_heads`) and with it: stories260K's own 4 KV heads for 8 query heads,
-# and for the others (which do not use GQA) the fewest KV heads that serve at most 4 query
-# heads each. Llama 2 7B does not use GQA; its 34B and 70B siblings do, with 8 KV heads.
+# GQA (`n_kv_heads = n_heads`, plain multi-head attention: "MHA" in the table) and with it:
+# stories260K's own 4 KV heads for 8 query heads, and for the others (which do not use GQA)
+# the fewest KV heads that serve at most 4 query heads each. Llama 2 7B does not use GQA;
+# its 34B and 70B siblings do, with 8 KV heads.
 
 # %%
 def weight_bytes(a: ModelArgs, shared: bool, int8: bool) -> int:
@@ -397,7 +401,9 @@ plt.show()
 # 4,096 tokens is 4.3 GB, a sixth of its fp32 weights, per sequence — serve eight users at once
 # and the caches outweigh the model. GQA with 4 query heads per KV head cuts that by 4, int8 by
 # another 3.6. And int8 weights bring the 7B model from 27 GB to 7.2 GB: the difference between
-# a server and a laptop.
+# a server and a laptop. (stories260K's int8 weights are only half its fp32 ones: its
+# `hidden_dim` 172 = 4 × 43 forces groups of 4, so every 4 one-byte weights carry a 4-byte
+# scale, 2 bytes a weight. Chapter 6 shows what that costs in speed too.)
 #
 # Hugging Face users get `config.json` + `model.safetensors` from the same checkpoint:
 # `babyllama export out/book/ckpt.pt --hf out/hf` (chapter 2 showed the round trip).
@@ -472,7 +478,9 @@ print(f"{'tokenizer.ggml.tokens':42} {len(tokens)} pieces: {tokens[:4]} ... {tok
 # The same weights in both files. llama2.c's v1 stores each kind of matrix for all layers
 # together, in a fixed order; GGUF stores each tensor under its name, layer by layer, and keeps
 # the norms in f32 while the matrices become Q8_0 blocks (32 int8 values and one fp16 scale:
-# 34 bytes for 32 weights, against v2's 64 int8 and one fp32 scale per group).
+# 34 bytes for 32 weights, 1.06 bytes a weight, against v2's `gs` int8 values and one fp32
+# scale per group: 1 + 4/32 = 1.125 bytes a weight for this model — hence GGUF's smaller file
+# below, although it also holds the tokenizer).
 
 # %%
 from babyllama.export import _tensor_order, gguf_name

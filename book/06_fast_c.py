@@ -167,7 +167,6 @@ def gflops(fn, reps=50):
     return 2 * d * n * reps / (time.perf_counter() - t0) / 1e9
 
 
-
 rows = [("naive C, 1 thread", lambda: naive.matmul_naive(out, x, W, n, d)),
         ("SIMD C, 1 thread", lambda: lib.bl_matmul_f32(out2, x, W, n, d, 1)),
         ("SIMD C, 2 threads", lambda: lib.bl_matmul_f32(out2, x, W, n, d, 2)),
@@ -176,6 +175,11 @@ for name, fn in rows:
     print(f"{name:20} {gflops(fn):6.1f} GFLOP/s")
 
 # %% [markdown]
+# The naive loop is several times slower than the SIMD kernel: C may not reorder a float sum,
+# so without `-ffast-math` the compiler cannot split `val += …` across SIMD lanes, and every
+# addition waits for the previous one. The SIMD kernel on one thread keeps up with NumPy's
+# BLAS; a second thread helps less than 2×, since both share the same caches and memory.
+#
 # ## 6.3 The whole forward pass, token for token
 #
 # `CLlama.load(path, threads)` has chapter 5's interface. The C side validates the file
@@ -214,7 +218,9 @@ for v in (0, 2):
               f"{len(np_ids)}, identical at {same} positions (must be all)")
         assert c_ids == np_ids
 c_tok = CTokenizer(paths.tok_bin)
-assert c_tok.encode("Once upon a time 🐈") == tok.encode("Once upon a time 🐈")
+same_ids = c_tok.encode("Once upon a time 🐈") == tok.encode("Once upon a time 🐈")
+print(f"the C tokenizer gives the Python tokenizer's ids: {same_ids} (must be True)")
+assert same_ids
 
 # %%
 # NBVAL_IGNORE_OUTPUT
@@ -241,8 +247,9 @@ print("Once upon a time" + "".join(tok.stream(engine.generate(start, 256, 0.8, 0
 #   runs in one OpenMP region (`bl_matmuls_f32`), the threads meeting once instead of three
 #   times.
 # - **Attention that streams.** The KV cache is laid out per KV head,
-#   `(n_layers, n_kv_heads, seq_len, head_size)`, so a head's keys at positions 0..pos are one
-#   contiguous run rather than `head_size` floats out of every `kv_dim`-float row.
+#   `(n_layers, n_kv_heads, seq_len, head_size)` (`head_size` is run.c's name for `head_dim`,
+#   and our C code keeps it), so a head's keys at positions 0..pos are one contiguous run
+#   rather than `head_size` floats out of every `kv_dim`-float row.
 # - **Nothing recomputed.** RoPE's `cos`/`sin` table (`freqs_cos`, `freqs_sin`) is made once
 #   at load, not per token and layer.
 # - **No thread idles in the sampler.** The softmax over 32,000 logits (in double, like
@@ -252,9 +259,10 @@ print("Once upon a time" + "".join(tok.stream(engine.generate(start, 256, 0.8, 0
 #
 # On the machine this book was written on (2 cores), `bench/bench_engines.py --llama2c`
 # measured our CLI against llama2.c's `run` and `runq` (built `-Ofast -fopenmp
-# -march=native`) on the same files, as the median ratio of 7 back-to-back pairs, at 1 and 2
-# threads: stories15M fp32 1.16× and 1.24×, int8 1.45× and 1.54×; stories110M fp32 1.20× and
-# 1.22×, int8 1.54× and 1.39×; stories260K fp32 1.10× and 1.45×, int8 1.36× and 1.37×.
+# -march=native`) on the same files, as the median ratio (our tokens/s ÷ llama2.c's: above 1,
+# ours is faster) of 7 back-to-back pairs, at 1 and 2 threads: stories15M fp32 1.16× and
+# 1.24×, int8 1.45× and 1.54×; stories110M fp32 1.20× and 1.22×, int8 1.54× and 1.39×;
+# stories260K fp32 1.10× and 1.45×, int8 1.36× and 1.37×.
 #
 
 # %% [markdown]
@@ -367,20 +375,21 @@ plt.show()
 
 # %% [markdown]
 # A point on its dashed line is memory-bound: it reads weights as fast as DRAM delivers them.
-# A point below it is limited by something else. (On a busy machine every point drops; the
-# numbers quoted here come from a quiet run of this notebook on the same 2-core machine, where
-# two threads streamed 17–20 GB/s.)
+# A point below it is limited by something else. (This machine is shared and on a busy minute
+# every point drops: read the table's ratios rather than its absolute numbers. Its column
+# `GB/s at 2 thr` is tok/s × MB per token: how fast a model actually streamed its weights.)
 #
-# - **fp32 15M and 110M sit near the line.** stories15M fp32 made 258 tok/s at 2 threads:
-#   258 × 61 MB = 15.7 GB/s, most of the bandwidth. Memory traffic sets their pace.
-# - **int8 does not get the 3.6× its smaller file promises.** stories15M int8 made 518 tok/s:
-#   518 × 17 MB = 8.9 GB/s, half the bandwidth — so int8 is limited by its arithmetic, not by
-#   memory. Per weight, the int8 kernel does more than an fp32 FMA lane does: an int8 multiply,
-#   widening adds to int32, and per group a conversion to float and two multiplies by the
-#   scales; and before every matmul it quantizes the activations. It sustains 518 × 15.2 M
-#   ≈ 7.9 G weights/s, and fp32 (4 bytes a weight) is held to 17–20 GB/s ÷ 4 ≈ 4.5 G
-#   weights/s: the gain is about 7.9 / 4.5 ≈ 1.8×, which is the measured 2×. The same ratio
-#   holds for 110M on this machine.
+# - **fp32 15M and 110M sit near the line.** At 2 threads they stream their weights at most
+#   of the 2-thread DRAM bandwidth measured above. Memory traffic sets their pace.
+# - **int8 does not get the 3.6× its smaller file promises.** The int8 models stream clearly
+#   fewer GB/s than the fp32 ones in the same column, so memory is not what holds them back:
+#   their arithmetic is. Per weight, the int8 kernel does more than an fp32 FMA lane does: an
+#   int8 multiply, widening adds to int32, and per group a conversion to float and two
+#   multiplies by the scales; and before every matmul it quantizes the activations. So int8's
+#   limit is in *weights per second* (tok/s × weights per token), while fp32's is bandwidth ÷
+#   4 bytes weights per second. The gain of int8 over fp32 is the ratio of the two:
+#   `gain ≈ int8 weights/s × 4 bytes ÷ bandwidth` — 2 to 2.5× in our runs on this machine,
+#   for 15M and 110M alike (the cell below computes it from this run's numbers).
 # - **The gain depends on the CPU.** It is the ratio of two different limits, int8
 #   arithmetic against fp32 memory traffic: `gain ≈ int8 weights/s × 4 bytes ÷ bandwidth`. A
 #   CPU with more memory bandwidth per core runs fp32 faster but int8 no faster, and there the
@@ -390,7 +399,9 @@ plt.show()
 #   token it hardly touches DRAM: there the arithmetic is all there is.
 #
 # The cell below applies the formula to this run's own numbers (the better of 1 and 2 threads
-# for each, which is the less disturbed on a shared machine):
+# for each, which is the less disturbed on a shared machine). The formula assumes fp32 runs
+# exactly at the DRAM limit; where fp32 falls short of it (compare its GB/s with the
+# bandwidth), the measured gain comes out a little above the predicted one.
 
 # %%
 # NBVAL_IGNORE_OUTPUT
@@ -412,9 +423,10 @@ for s in ("stories15M", "stories110M"):
 # SIMD branch (multiples of 32 or 16), so every group runs the scalar loop: 4 multiply-adds,
 # then a conversion and two multiplies by the scales, and the activations are quantized in
 # groups of 4 as well. fp32 meanwhile does 8 multiply-adds per instruction on 4 rows, and the
-# whole fp32 model (1 MB) sits in the caches. In the quiet run: fp32 10,033 tok/s, int8
-# 1,087 tok/s, 9.2× slower. To see that the group size is the culprit, we
-# give the same model `hidden_dim` 192 (= 3 × 64), which allows groups of 64, and time both.
+# whole fp32 model (1 MB) sits in the caches. The table above shows the cost: int8 several
+# times slower than fp32 (between 5× and 9× in our runs, depending on how busy the machine
+# was). To see that the group size is the culprit, we give the same model `hidden_dim` 192
+# (= 3 × 64), which allows groups of 64, and time both.
 
 # %%
 # NBVAL_IGNORE_OUTPUT
@@ -437,8 +449,10 @@ for hidden in (172, 192):
     f = random_model(a, build / f"h{hidden}.bin")
     engine = CLlama.load(f, threads=1)
     tok_s = max(gen_speed(engine) for _ in range(3))
+    fp32_tok_s = speed["stories260K", "fp32", 1]
     print(f"hidden_dim {hidden}: group size {choose_group_size(a):2}, int8 {tok_s:7.0f} tok/s at "
-          f"1 thread (fp32 with hidden_dim 172: {speed['stories260K', 'fp32', 1]:.0f} tok/s)")
+          f"1 thread; fp32 (hidden_dim 172, {fp32_tok_s:.0f} tok/s) ÷ int8 = "
+          f"{fp32_tok_s / tok_s:.1f}")
 
 # %% [markdown]
 # ### Why 2 threads can be slower than 1 on a tiny model
@@ -496,6 +510,10 @@ else:
         print(f"{d_:4} x {n_:3} matmul: 1 thread {us[1]:8.2f} µs, 2 threads {us[2]:8.2f} µs")
 
 # %% [markdown]
+# (Much of both 64 × 64 timings is the cost of calling C from Python through `ctypes`, the
+# same at 1 and 2 threads; what the second thread adds is their difference, about one
+# fork-join. On the large matrix the work dwarfs it, and 2 threads nearly halve the time.)
+#
 # So the library forks only when a batch of matmuls has at least 65,536 multiply-adds
 # (`BL_PARALLEL_MIN` in `kernels.c`): stories260K's fp32 matmuls all run on one thread, and a
 # second thread can only help (or cost) where the work is large enough — its int8 matmuls,
@@ -510,9 +528,10 @@ else:
 #
 # A decoding step is a chain of matrix–vector products: every weight is loaded once and used
 # for one multiply-add, 2 flops per weight. In fp32 that is 2 flops per 4 bytes, an
-# *arithmetic intensity* of 0.5 flop/byte; in Q8_0 about 2 flops per 1.06 bytes. A core can do
-# far more arithmetic per second than that times its memory bandwidth, so decoding waits on
-# memory, and the best a step can do is bandwidth ÷ bytes per token.
+# *arithmetic intensity* of 0.5 flop/byte; in Q8_0 2 flops per `1 + 4/gs` bytes (1.125 with
+# groups of 32), about 1.8 flop/byte. A core can do far more arithmetic per second than that
+# times its memory bandwidth, so decoding waits on memory, and the best a step can do is
+# bandwidth ÷ bytes per token.
 #
 # A prompt is different: all its tokens are known, so they can go through each layer together.
 # Then each matmul is matrix–matrix, `X (T, n) @ Wᵀ`, and every weight loaded serves T tokens:
@@ -547,41 +566,64 @@ for what, err, bound in pf_checks:
 
 # %% [markdown]
 # How fast? The book's model fits in the caches, so for this we take the stories15M shape
-# (random weights, 61 MB in fp32, the bench's files). We measure this machine's two roofs — the
-# read bandwidth of one core (a NumPy sum over 256 MB) and a compute peak (a large
-# single-precision matrix product, what a well-tuned BLAS reaches) — then our prefill at growing
-# batch sizes T, one thread, in flop/s: 2 × (weights in the matmuls) × T per call.
+# (random weights, 61 MB in fp32, the bench's files). We measure the two roofs of one core —
+# its read bandwidth (a NumPy sum over 256 MB) and a compute peak (a large single-precision
+# matrix product in NumPy's BLAS held to one thread: what a well-tuned kernel reaches) — then
+# our prefill at growing batch sizes T, on one thread. A call with T tokens reads every weight
+# once and does 2 flops per weight and token in the layers, and 2 per classifier weight for
+# the last token only; flops ÷ weight bytes is its intensity.
 
 # %%
 # NBVAL_IGNORE_OUTPUT
-def pf_bandwidth(mb: int = 256) -> float:
-    a = np.ones(mb << 18, dtype=np.float32)
-    return a.nbytes / min(_time(a.sum) for _ in range(3))
-
-
 def _time(fn) -> float:
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
 
 
+def pf_bandwidth(mb: int = 256) -> float:
+    """Bytes/s one core reads: a NumPy sum (one thread) over an array far larger than L3."""
+    a = np.ones(mb << 18, dtype=np.float32)
+    return a.nbytes / min(_time(a.sum) for _ in range(3))
+
+
+PEAK_SCRIPT = """
+import time
+import numpy as np
+a = np.random.default_rng(0).standard_normal(({n}, {n}), dtype=np.float32)
+a @ a
+times = []
+for _ in range(3):
+    t0 = time.perf_counter()
+    a @ a
+    times.append(time.perf_counter() - t0)
+print(2 * {n} ** 3 / min(times))
+"""
+
+
 def pf_peak(n: int = 1024) -> float:
-    a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
-    return 2 * n**3 / min(_time(lambda: a @ a) for _ in range(3))
+    """flop/s of a large fp32 matrix product in NumPy's BLAS on ONE thread. A BLAS reads its
+    thread count when it loads, so this runs in a fresh process with the count set to 1."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
+           "MKL_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-c", PEAK_SCRIPT.format(n=n)], env=env, check=True,
+                         capture_output=True, text=True)
+    return float(run.stdout)
 
 
-sys.path.insert(0, str(paths.root / "bench"))
-import bench_engines  # noqa: E402
-
-pf_files = bench_engines.make_files("stories15M")   # {0: fp32, 2: int8}
+pf_files = bench_engines.make_files("stories15M")   # {0: fp32, 2: int8}; bench_engines from §6.5
 bw, peak = pf_bandwidth(), pf_peak()
 a_ = CLlama.load(pf_files[0], threads=1).args
 kv_dim = a_.n_kv_heads * a_.head_dim
-pf_weights = a_.n_layers * (2 * a_.dim * a_.dim + 2 * kv_dim * a_.dim + 3 * a_.dim * a_.hidden_dim)
-print(f"read bandwidth {bw / 1e9:.1f} GB/s, compute peak (NumPy matmul) {peak / 1e9:.0f} GFLOP/s, "
-      f"ridge at {peak / bw:.1f} flop/byte")
+layer_weights = a_.n_layers * (2 * a_.dim * a_.dim + 2 * kv_dim * a_.dim      # wq wo, wk wv
+                               + 3 * a_.dim * a_.hidden_dim)                  # w1 w2 w3
+cls_weights = a_.vocab_size * a_.dim   # the classifier: read once, used for the last token only
+print(f"one core: read bandwidth {bw / 1e9:.1f} GB/s, compute peak (NumPy matmul, 1 thread) "
+      f"{peak / 1e9:.0f} GFLOP/s, ridge at {peak / bw:.1f} flop/byte")
 pf_points = []
-for v, bytes_per_weight in ((0, 4.0), (2, 1.0 + 4 / 64)):
+for v in (0, 2):
+    gs = read_header(pf_files[v])[3]
+    bytes_per_weight = 4.0 if v == 0 else 1 + 4 / gs   # Q8_0: a fp32 scale per group of gs
     e = CLlama.load(pf_files[v], threads=1)
     for T in (1, 2, 4, 8, 16, 32, 64):
         toks = np.random.default_rng(T).integers(3, a_.vocab_size, T).tolist()
@@ -589,18 +631,17 @@ for v, bytes_per_weight in ((0, 4.0), (2, 1.0 + 4 / 64)):
         for _ in range(3):
             e.reset()
             best = min(best, _time(lambda e=e, toks=toks: e.prefill(toks, 0)))
-        flops = 2 * pf_weights * T   # the classifier (last token only) is left out of both
-        pf_points.append((v, T, 2 * T / bytes_per_weight, flops / best))
-        print(f"v{v} T={T:3}: intensity {2 * T / bytes_per_weight:6.1f} flop/byte, "
+        flops = 2 * (layer_weights * T + cls_weights)
+        intensity = flops / ((layer_weights + cls_weights) * bytes_per_weight)
+        pf_points.append((v, T, intensity, flops / best))
+        print(f"v{v} T={T:3}: intensity {intensity:6.1f} flop/byte, "
               f"{flops / best / 1e9:6.2f} GFLOP/s, {T / best:8.0f} tok/s")
 
 # %%
 # NBVAL_IGNORE_OUTPUT
-import matplotlib.pyplot as plt  # noqa: E402
-
 fig, ax = plt.subplots(figsize=(6.5, 4))
 xs = np.logspace(-1, 3, 200)
-ax.plot(xs, np.minimum(peak, xs * bw) / 1e9, "k-", lw=1.5, label="roofline (measured)")
+ax.plot(xs, np.minimum(peak, xs * bw) / 1e9, "k-", lw=1.5, label="roofline of one core (measured)")
 for v, name, color in ((0, "fp32", "tab:blue"), (2, "int8 Q8_0", "tab:orange")):
     pts = [(i, f) for vv, _, i, f in pf_points if vv == v]
     ax.plot([i for i, _ in pts], [f / 1e9 for _, f in pts], "o-", color=color,
@@ -615,11 +656,17 @@ fig.tight_layout()
 plt.show()
 
 # %% [markdown]
-# At T = 1 both formats sit on the slanted roof: decoding is memory-bound, and int8's points
-# lie to the right of fp32's because the same flops need a quarter of the bytes. As T grows the
-# points climb until arithmetic limits them. Our Q8_0 kernel flattens out lower than fp32's:
-# with int8 every group of 64 products ends in a horizontal sum, a conversion and two float
-# multiplies, work a BLAS-style fp32 kernel does not have — which is where the integer
+# At T = 1 both formats are under the slanted roof: decoding is memory-bound, and int8's
+# points lie to the right of fp32's because the same flops need 1.125 bytes a weight instead
+# of 4. As T grows each byte serves more flops and the points climb (compare the tok/s at
+# T = 64 with T = 1 in the table) — but they level off well below the flat roof, at a
+# fraction of what NumPy's BLAS does on the same core. That is the price of a promise made
+# above: each (row, token) sum runs in the decoding kernel's order — its own 8-lane
+# accumulator along the row, then a horizontal sum — so that prefill and decoding give the
+# same bits. A BLAS is free to reorder: it keeps a block of *outputs* in registers and updates
+# them all with each weight it loads, with no horizontal sums at all. Our Q8_0 kernel
+# flattens out lower than fp32's: with int8 every group of `gs` products (32 here) ends in a
+# horizontal sum, a conversion and two float multiplies — which is where the integer
 # dot-product instructions below come in. `bench/bench_engines.py` prints the same comparison
 # for the 15M and 110M shapes, batched against token by token, beside llama2.c.
 #
@@ -649,7 +696,9 @@ b8 = g.integers(-127, 128, 32).astype(np.int8)
 u = np.abs(a8).astype(np.uint8)                          # |a|: fits an unsigned byte
 s = np.where(a8 < 0, -b8, np.where(a8 == 0, 0, b8)).astype(np.int8)   # b with a's sign
 lanes = dpbusd(np.zeros(8, dtype=np.int32), u, s)
-print("sign trick exact:", int(lanes.sum()) == int(a8.astype(np.int32) @ b8.astype(np.int32)))
+exact = int(a8.astype(np.int32) @ b8.astype(np.int32))
+print(f"sum of the 8 lanes {int(lanes.sum())}, exact a·b {exact} (must be equal)")
+assert int(lanes.sum()) == exact
 
 # %%
 # NBVAL_IGNORE_OUTPUT
