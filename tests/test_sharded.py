@@ -24,8 +24,10 @@ ARGS = ModelArgs(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=512, ma
                  hidden_dim=96)
 
 
-def shard_hf(src, dst, n_shards: int) -> dict:
-    """Split a model.safetensors into n shards plus model.safetensors.index.json."""
+def shard_hf(src, dst, n_shards: int, bin: bool = False) -> dict:
+    """Split a model.safetensors into n shards plus model.safetensors.index.json, or, with
+    `bin`, into torch.save'd pytorch_model-0000i-of-0000n.bin plus pytorch_model.bin.index.json
+    (how transformers sharded checkpoints before safetensors)."""
     from safetensors.torch import load_file, save_file
 
     sd = load_file(src / "model.safetensors")
@@ -33,13 +35,15 @@ def shard_hf(src, dst, n_shards: int) -> dict:
     (dst / "config.json").write_text((src / "config.json").read_text())
     names = sorted(sd)
     weight_map = {}
+    stem, ext = ("pytorch_model", "bin") if bin else ("model", "safetensors")
     for i in range(n_shards):
         part = names[i::n_shards]
-        fname = f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors"
-        save_file({k: sd[k] for k in part}, dst / fname)
+        fname = f"{stem}-{i + 1:05d}-of-{n_shards:05d}.{ext}"
+        save = torch.save if bin else save_file
+        save({k: sd[k].clone() for k in part}, dst / fname)
         weight_map.update({k: fname for k in part})
     index = {"metadata": {}, "weight_map": weight_map}
-    (dst / "model.safetensors.index.json").write_text(json.dumps(index))
+    (dst / f"{stem}.{ext}.index.json").write_text(json.dumps(index))
     return index
 
 
@@ -68,11 +72,11 @@ def model():
     return m
 
 
-@pytest.mark.parametrize("layout", ["hf", "meta"])
+@pytest.mark.parametrize("layout", ["hf", "hf_bin", "meta"])
 def test_sharded_equals_whole(tmp_path, model, data_dir, layout):
-    if layout == "hf":
+    if layout.startswith("hf"):
         model.save_pretrained(tmp_path / "whole")
-        shard_hf(tmp_path / "whole", tmp_path / "ckpt", 3)
+        shard_hf(tmp_path / "whole", tmp_path / "ckpt", 3, bin=layout == "hf_bin")
     else:
         shard_meta(model, tmp_path / "ckpt", 2)
     back = Transformer.from_pretrained(tmp_path / "ckpt")
@@ -135,6 +139,49 @@ def test_tensor_twice_or_missing(sharded):
     with pytest.raises(CheckpointError, match=rf"{f1.name}: holds tensor {k}, but "
                                               rf"model.safetensors.index.json does not list"):
         Transformer.from_pretrained(d)
+
+
+@pytest.fixture
+def sharded_bin(tmp_path, model):
+    model.save_pretrained(tmp_path / "whole")
+    return tmp_path / "ckpt", shard_hf(tmp_path / "whole", tmp_path / "ckpt", 3, bin=True)
+
+
+def test_bin_index_bad_shards(sharded_bin):
+    """pytorch_model.bin.index.json goes through the same checks as the safetensors index."""
+    d, index = sharded_bin
+    f1, f2 = d / "pytorch_model-00001-of-00003.bin", d / "pytorch_model-00002-of-00003.bin"
+    one, two = (torch.load(f, weights_only=True) for f in (f1, f2))
+    k = sorted(n for n in one if ".layers." in n)[0]
+    torch.save({**two, k: one[k]}, f2)
+    with pytest.raises(CheckpointError, match=rf"tensor {k} is in two shards, {f1.name} and "
+                                              rf"{f2.name}"):
+        Transformer.from_pretrained(d)
+    torch.save(two, f2)
+    f1.unlink()
+    with pytest.raises(CheckpointError, match=rf"pytorch_model.bin.index.json: names shard "
+                                              rf"{f1.name} \(for \S+ and others\), which "
+                                              rf"does not exist"):
+        Transformer.from_pretrained(d)
+    with pytest.raises(CheckpointError, match=rf"names shard {f1.name}"):
+        open_weights(d)   # the export path, too
+
+
+class _Payload:
+    """A pickle that would run code when loaded without weights_only."""
+
+    def __reduce__(self):
+        return (exec, ("open('PWNED', 'w').write('x')",))
+
+
+def test_bin_shard_is_never_unpickled_with_code(sharded_bin, tmp_path, monkeypatch):
+    d, index = sharded_bin
+    f2 = d / "pytorch_model-00002-of-00003.bin"
+    torch.save({**torch.load(f2, weights_only=True), "evil": _Payload()}, f2)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CheckpointError, match=rf"{f2.name}: cannot load as a weights-only"):
+        Transformer.from_pretrained(d)
+    assert not (tmp_path / "PWNED").exists()
 
 
 def test_meta_shards_that_disagree(tmp_path, model):
