@@ -1,7 +1,8 @@
 """Sharded checkpoints: Hugging Face indexes and Meta model-parallel files, read tensor by tensor.
 
 Every conversion from shards must give the same bytes as converting the model loaded whole;
-a big checkpoint (>= 500 MB) is converted in a subprocess whose peak RSS is measured."""
+a big checkpoint (>= 500 MB) is converted, to v0 and to GGUF q8_0, in a subprocess whose peak
+RSS is measured."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from helpers import scaled_model
@@ -263,15 +265,39 @@ def _make_big(d, args: ModelArgs, n_shards: int) -> int:
     return size
 
 
-def _convert(src, out) -> int:
-    r = subprocess.run([sys.executable, "-c", PEAK, "export", str(src), str(out)],
+def pad_tokenizer(src: Path, n: int, dst: Path) -> Path:
+    """A SentencePiece model with n pieces: src's, then rare made-up ones. A ModelProto's
+    pieces are its repeated field 1, and protobuf appends repeated fields in wire order, so
+    each extra piece is one more field-1 record (piece: field 1, score: field 2) at the end."""
+    import struct
+
+    from babyllama.tokenizer import load_sentencepiece
+
+    def varint(v: int) -> bytes:
+        out = b""
+        while v >= 0x80:
+            out, v = out + bytes([v & 0x7F | 0x80]), v >> 7
+        return out + bytes([v])
+
+    extra = []
+    for i in range(load_sentencepiece(src).vocab_size(), n):
+        piece = f"\u2581x{i}".encode()
+        msg = b"\x0a" + varint(len(piece)) + piece + b"\x15" + struct.pack("<f", -1e4 - i)
+        extra.append(b"\x0a" + varint(len(msg)) + msg)
+    dst.write_bytes(src.read_bytes() + b"".join(extra))
+    assert load_sentencepiece(dst).vocab_size() == n
+    return dst
+
+
+def _convert(src, out, *extra: str) -> int:
+    r = subprocess.run([sys.executable, "-c", PEAK, "export", str(src), str(out), *extra],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     return int(r.stderr.rsplit("PEAK_KB", 1)[1].split()[0]) * 1024
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="peak RSS read from /proc")
-def test_big_sharded_checkpoint_in_bounded_memory(tmp_path):
+def test_big_sharded_checkpoint_in_bounded_memory(tmp_path, data_dir):
     size = _make_big(tmp_path / "big", BIG, 4)
     assert size >= 500e6
     _make_big(tmp_path / "tiny", ModelArgs(dim=64, n_layers=1, n_heads=8, vocab_size=64,
@@ -283,6 +309,29 @@ def test_big_sharded_checkpoint_in_bounded_memory(tmp_path):
           f"baseline {baseline / 1e6:.0f} MB, extra {(peak - baseline) / 1e6:.0f} MB = "
           f"{(peak - baseline) / largest:.2f} x the largest tensor ({largest / 1e6:.0f} MB)")
     assert peak - baseline <= 2 * largest
+    # GGUF q8_0: the fp32 tensor as read, its Q8_0 bytes (34/128 of it) and slab temporaries
+    tok = pad_tokenizer(data_dir / "tok512.model", BIG.vocab_size, tmp_path / "tok32k.model")
+    peak_q = _convert(tmp_path / "big", tmp_path / "big.gguf", "--tokenizer", str(tok),
+                      "--dtype", "q8_0")
+    print(f"GGUF q8_0: peak RSS {peak_q / 1e6:.0f} MB, extra {(peak_q - baseline) / 1e6:.0f} "
+          f"MB = {(peak_q - baseline) / largest:.2f} x the largest tensor")
+    assert peak_q - baseline <= 2 * largest
+    import gguf
+    from safetensors import safe_open
+
+    emb = {t.name: t for t in gguf.GGUFReader(tmp_path / "big.gguf").tensors}["token_embd.weight"]
+    blocks = np.asarray(emb.data).reshape(-1, 34)
+    d = blocks[:, :2].copy().view("<f2").astype(np.float32)
+    got = (blocks[:, 2:].copy().view(np.int8) * d).reshape(BIG.vocab_size, BIG.dim)
+    shard = json.loads((tmp_path / "big" / "model.safetensors.index.json").read_text())
+    with safe_open(tmp_path / "big" / shard["weight_map"]["model.embed_tokens.weight"],
+                   "np") as f:
+        want = f.get_tensor("model.embed_tokens.weight")
+    step = np.abs(want.reshape(-1, 32)).max(1, keepdims=True) / 127
+    # half a step, plus |q| <= 127 times the fp16 rounding of the step
+    bound = 0.5 * step + 127 * np.abs(d - step) + 1e-9
+    assert (np.abs(got.reshape(-1, 32) - want.reshape(-1, 32)) <= bound).all()
+    del emb, blocks, got, want
     whole = Transformer.from_pretrained(tmp_path / "big")
     write_model(whole, tmp_path / "whole.bin")
     del whole
