@@ -454,7 +454,7 @@ def quantize_gguf_q8_0(w: np.ndarray) -> np.ndarray:
 def _gguf_data(arr: np.ndarray, qtype) -> np.ndarray:
     """The bytes of one tensor as GGUF stores it. Q8_0 is quantized a slab of rows at a time
     into the output, so beyond the fp32 tensor itself this holds its 34/128-sized result and
-    a few MB of temporaries (gguf's own quantizer holds the result twice, in pieces and
+    a few slab-sized temporaries (gguf's own quantizer holds the result twice, in pieces and
     joined)."""
     import gguf
 
@@ -471,7 +471,7 @@ def _gguf_data(arr: np.ndarray, qtype) -> np.ndarray:
         return arr.astype(np.float16)
     out = np.empty((arr.shape[0], arr.shape[1] // GGUF_Q8_0_BLOCK * (2 + GGUF_Q8_0_BLOCK)),
                    dtype=np.uint8)
-    rows = max(1, (1 << 20) // arr.shape[1])   # about 4 MB of fp32 per slab
+    rows = max(1, (1 << 14) // arr.shape[1])   # 64 KB of fp32: the temporaries stay in cache
     for r in range(0, arr.shape[0], rows):
         out[r:r + rows] = quantize_gguf_q8_0(arr[r:r + rows])
     return out
