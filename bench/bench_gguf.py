@@ -45,11 +45,13 @@ def cpu_header() -> str:
     return f"{cpu_info()}\nllama-cpp-python {llama_cpp.__version__}"
 
 
-def load_llama(path: Path, n_ctx: int, threads: int = 2, logits_all: bool = False):
+def load_llama(path: Path, n_ctx: int, threads: int = 2, logits_all: bool = False,
+               vocab_only: bool = False):
     from llama_cpp import Llama
 
     return Llama(model_path=str(path), n_ctx=n_ctx, n_batch=512, n_threads=threads,
-                 n_threads_batch=threads, logits_all=logits_all, verbose=False)
+                 n_threads_batch=threads, logits_all=logits_all, vocab_only=vocab_only,
+                 verbose=False)
 
 
 def greedy_llama_cpp(llm, prompt: list[int], new: int) -> list[int]:
@@ -108,7 +110,8 @@ def write_files(name: str, model, tok: Path, out: Path) -> dict[str, Path]:
 # ----------------------------------------------------------------------------------------------
 # 1. agreement
 
-def agreement(name: str, model, files: dict[str, Path], prompt: list[int], new: int) -> list:
+def agreement(name: str, model, tok: Path, files: dict[str, Path], prompt: list[int],
+              new: int) -> list:
     import torch
 
     from babyllama.fast_c import CLlama
@@ -120,7 +123,8 @@ def agreement(name: str, model, files: dict[str, Path], prompt: list[int], new: 
     seq = (prompt + numpy_ids)[:model.params.max_seq_len]
     with torch.no_grad():
         want = model(torch.tensor([seq]))[0].float().numpy()
-    rows = [(name, "ours C fp32 (v0)", "-", first_difference(c_ids, numpy_ids)),
+    rows = [(name, "llama.cpp tokenizer", "-", tokenizer_agreement(files["f32"], tok)),
+            (name, "ours C fp32 (v0)", "-", first_difference(c_ids, numpy_ids)),
             (name, "ours C int8 (v2)", "-", first_difference(c8_ids, numpy_ids))]
     for dtype in ("f32", "f16", "q8_0"):
         llm = load_llama(files[dtype], model.params.max_seq_len, logits_all=True)
@@ -134,6 +138,21 @@ def agreement(name: str, model, files: dict[str, Path], prompt: list[int], new: 
             rows.append((name, "llama.cpp q8_0 vs ours int8", "-", first_difference(ids, c8_ids)))
         del llm
     return rows
+
+
+TEXTS = ["Once upon a time, there was a little girl named Lily.", "  two leading spaces",
+         "trailing space ", "a\nnew line\n\nand two", "Tom said: \"No!\" 42 times.",
+         "caf\u00e9 \u00fcber na\u00efve", "emoji \U0001F600 and \u6f22\u5b57"]
+
+
+def tokenizer_agreement(path: Path, tok: Path) -> str:
+    """llama.cpp's tokenizer from the GGUF's vocabulary vs sentencepiece's, text by text."""
+    from babyllama.tokenizer import load_sentencepiece
+
+    sp, llm = load_sentencepiece(tok), load_llama(path, 64, vocab_only=True)
+    bad = [t for t in TEXTS if llm.tokenize(t.encode(), add_bos=True) != [1] + sp.encode(t)]
+    return (f"identical on {len(TEXTS)} texts" if not bad else
+            f"{len(bad)} of {len(TEXTS)} differ, e.g. {bad[0]!r}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -240,10 +259,11 @@ def main(argv: list[str] | None = None) -> int:
         prompt = [1] + load_sentencepiece(tok).encode(a.prompt)
         rows = []
         for name in ("book", "260K-gqa"):
-            rows += agreement(name, models[name][0], files[name], prompt, a.steps)
+            rows += agreement(name, *models[name], files[name], prompt, a.steps)
         print(f"\nAgreement: greedy ids over {a.steps} new tokens after {a.prompt!r}, compared "
               f"with our NumPy engine (fp32); max |delta logit| against PyTorch fp32")
-        print_table(("model", "engine", "max |dlogit|", "greedy ids vs NumPy"), rows)
+        print_table(("model", "engine", "max |dlogit|", "greedy ids vs NumPy (or tokens vs "
+                     "sentencepiece)"), rows)
         ok = all(r[3].startswith("identical") for r in rows if r[1] == "llama.cpp f32")
     if not a.agree_only:
         print(f"\nSpeed: prefill of a {a.prompt_len}-token prompt (less if the context is "
