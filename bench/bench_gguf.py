@@ -46,12 +46,15 @@ def cpu_header() -> str:
 
 
 def load_llama(path: Path, n_ctx: int, threads: int = 2, logits_all: bool = False,
-               vocab_only: bool = False):
-    from llama_cpp import Llama
+               vocab_only: bool = False, kv_f32: bool = False):
+    """llama.cpp's defaults, except kv_f32: its KV cache is fp16 by default (ours is fp32),
+    which alone moves logits by ~1e-3; the agreement check wants the weights' error only."""
+    import llama_cpp
 
-    return Llama(model_path=str(path), n_ctx=n_ctx, n_batch=512, n_threads=threads,
-                 n_threads_batch=threads, logits_all=logits_all, vocab_only=vocab_only,
-                 verbose=False)
+    kv = {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32} if kv_f32 else {}
+    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=512, n_threads=threads,
+                           n_threads_batch=threads, logits_all=logits_all,
+                           vocab_only=vocab_only, verbose=False, **kv)
 
 
 def greedy_llama_cpp(llm, prompt: list[int], new: int) -> list[int]:
@@ -71,10 +74,16 @@ def greedy_ours(engine, prompt: list[int], new: int) -> list[int]:
     return list(engine.generate(prompt, len(prompt) + new - 1, temperature=0.0))
 
 
-def first_difference(a: list[int], b: list[int]) -> str:
+def first_difference(a: list[int], b: list[int], logits: np.ndarray | None = None,
+                     offset: int = 0) -> str:
+    """Where two id sequences part; with `logits` (fp32, row offset + i predicts token i), by
+    how much the fp32 model preferred b's token there: a small margin is a near-tie that any
+    change of arithmetic may flip."""
     for i, (x, y) in enumerate(zip(a, b)):
         if x != y:
-            return f"differ at {i} ({x} vs {y})"
+            margin = "" if logits is None else \
+                f"; fp32 margin {logits[offset + i, y] - logits[offset + i, x]:.3f}"
+            return f"differ at {i} ({x} vs {y}{margin})"
     return f"identical ({len(a)})" if len(a) == len(b) else f"prefix, {len(a)} vs {len(b)}"
 
 
@@ -118,24 +127,31 @@ def agreement(name: str, model, tok: Path, files: dict[str, Path], prompt: list[
     from babyllama.inference_numpy import NumpyLlama
 
     numpy_ids = greedy_ours(NumpyLlama.load(files["v0"]), prompt, new)
-    c_ids = greedy_ours(CLlama.load(files["v0"], threads=2), prompt, new)
-    c8_ids = greedy_ours(CLlama.load(files["v2"], threads=2), prompt, new)
     seq = (prompt + numpy_ids)[:model.params.max_seq_len]
     with torch.no_grad():
-        want = model(torch.tensor([seq]))[0].float().numpy()
-    rows = [(name, "llama.cpp tokenizer", "-", tokenizer_agreement(files["f32"], tok)),
-            (name, "ours C fp32 (v0)", "-", first_difference(c_ids, numpy_ids)),
-            (name, "ours C int8 (v2)", "-", first_difference(c8_ids, numpy_ids))]
+        want = model(torch.tensor([seq]))[0][0].float().numpy()   # (len(seq), vocab)
+
+    def vs_numpy(ids: list[int]) -> str:
+        return first_difference(ids, numpy_ids, want, len(prompt) - 1)
+
+    rows = [(name, "llama.cpp tokenizer", "-", tokenizer_agreement(files["f32"], tok))]
+    c_ids = {}
+    for v, label in (("v0", "ours C fp32 (v0)"), ("v2", "ours C int8 (v2)")):
+        e = CLlama.load(files[v], threads=2)
+        c_ids[v] = greedy_ours(e, prompt, new)
+        e.reset()
+        dlogit = float(np.abs(e.forward_tokens(seq, 0) - want).max())
+        rows.append((name, label, f"{dlogit:.2e}", vs_numpy(c_ids[v])))
     for dtype in ("f32", "f16", "q8_0"):
-        llm = load_llama(files[dtype], model.params.max_seq_len, logits_all=True)
+        llm = load_llama(files[dtype], model.params.max_seq_len, logits_all=True, kv_f32=True)
         llm.reset()
         llm.eval(seq)
         dlogit = float(np.abs(np.asarray(llm.scores[:len(seq)]) - want).max())
         ids = greedy_llama_cpp(llm, prompt, new)
-        rows.append((name, f"llama.cpp {dtype}", f"{dlogit:.2e}",
-                     first_difference(ids, numpy_ids)))
+        rows.append((name, f"llama.cpp {dtype}", f"{dlogit:.2e}", vs_numpy(ids)))
         if dtype == "q8_0":
-            rows.append((name, "llama.cpp q8_0 vs ours int8", "-", first_difference(ids, c8_ids)))
+            rows.append((name, "llama.cpp q8_0 vs ours int8", "-",
+                         first_difference(ids, c_ids["v2"])))
         del llm
     return rows
 
@@ -261,7 +277,8 @@ def main(argv: list[str] | None = None) -> int:
         for name in ("book", "260K-gqa"):
             rows += agreement(name, *models[name], files[name], prompt, a.steps)
         print(f"\nAgreement: greedy ids over {a.steps} new tokens after {a.prompt!r}, compared "
-              f"with our NumPy engine (fp32); max |delta logit| against PyTorch fp32")
+              f"with our NumPy engine (fp32); max |delta logit| against PyTorch fp32 over the "
+              f"prompt and NumPy's continuation (llama.cpp with an fp32 KV cache)")
         print_table(("model", "engine", "max |dlogit|", "greedy ids vs NumPy (or tokens vs "
                      "sentencepiece)"), rows)
         ok = all(r[3].startswith("identical") for r in rows if r[1] == "llama.cpp f32")
