@@ -514,7 +514,10 @@ def write_gguf(model, tokenizer_model_path: str | Path, path: str | Path,
 
     wq and wk go in as they are: llama.cpp's llama rotates interleaved pairs, as Meta's code
     and ours do (its converter undoes Hugging Face's permutation). Tensors are converted and
-    written one at a time, so a lazy `weights` mapping keeps memory to about one tensor."""
+    written one at a time, so with a lazy `weights` mapping the memory beyond the interpreter
+    is one fp32 tensor plus its converted bytes (f16: half of it; q8_0: 34/128 of it, see
+    `_gguf_data`). Checked in llama.cpp by bench/bench_gguf.py: f32 logits within 1e-5 of
+    PyTorch's, greedy ids identical."""
     import gguf
 
     if dtype not in GGUF_DTYPES:
