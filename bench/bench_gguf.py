@@ -247,7 +247,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt-len", type=int, default=256)
     p.add_argument("--gen", type=int, default=64, help="decoded tokens timed")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--speed-shapes", nargs="*", default=["stories15M", "stories110M"])
+    p.add_argument("--speed-models", nargs="*", default=["book", "stories15M", "stories110M"],
+                   help="'book' and/or preset shapes (random weights, Llama 2's vocabulary)")
+    p.add_argument("--llama2-tokenizer", default=str(LLAMA2_TOKENIZER))
     p.add_argument("--speed-only", action="store_true")
     p.add_argument("--agree-only", action="store_true")
     p.add_argument("--out", default=str(ROOT / "out" / "bench"))
@@ -265,10 +267,15 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     tok = Path(a.tokenizer)
     book = Transformer.from_pretrained(a.ckpt).eval()
-    models = {"book": (book, tok), "260K-gqa": (random_model("stories260K", 2.0), tok)}
-    if not a.agree_only and LLAMA2_TOKENIZER.exists():
-        for shape in a.speed_shapes:
-            models[shape] = (random_model(shape, max_seq_len=512), LLAMA2_TOKENIZER)
+    models = {"book": (book, tok)}
+    if not a.speed_only:
+        models["260K-gqa"] = (random_model("stories260K", 2.0), tok)
+    shapes = [] if a.agree_only else [m for m in a.speed_models if m != "book"]
+    if shapes and not Path(a.llama2_tokenizer).exists():
+        print(f"{a.llama2_tokenizer} is absent: timing the book's model only")
+        shapes = []
+    for shape in shapes:
+        models[shape] = (random_model(shape, max_seq_len=512), Path(a.llama2_tokenizer))
     files = {name: write_files(name, m, t, out) for name, (m, t) in models.items()}
     ok = True
     if not a.speed_only:
@@ -286,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nSpeed: prefill of a {a.prompt_len}-token prompt (less if the context is "
               f"shorter), then {a.gen} decode steps; median of {a.repeats}")
         rows = []
-        for name in [n for n in models if n != "260K-gqa"]:
+        for name in [n for n in models if n in a.speed_models]:
             rows += speed(name, models[name][0], files[name], a.threads, a.prompt_len, a.gen,
                           a.repeats)
         print_table(("model", "threads", "engine", "prompt", "prefill tok/s", "decode tok/s",
