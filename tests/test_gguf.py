@@ -4,6 +4,8 @@ The expected names are llama.cpp's, written out here; Q8_0 blocks are decoded by
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -84,6 +86,34 @@ def test_tensors_read_back(tmp_path, tok, dtype, tied):
             assert (np.abs(deq - want) <= bound).all(), k
 
 
+def _tricky_blocks() -> np.ndarray:
+    """Rows of 32 values where a Q8_0 quantizer's rounding and zero handling show."""
+    ties = np.arange(32, dtype=np.float32) - 15.5               # d = 1 exactly: x.5 everywhere
+    ties[0] = 127.0
+    return np.stack([np.zeros(32, np.float32),                  # an all-zero block: d = 0
+                     ties, -ties,                               # halves: away from zero
+                     np.full(32, 1e-30, np.float32),            # d underflows fp16 to 0
+                     np.linspace(-8.3e6, 8.3e6, 32, dtype=np.float32),  # d near fp16's max
+                     np.nextafter(ties, np.float32(0))])        # just below each half
+
+
+@pytest.mark.parametrize("shape", [(1, 32), (3, 96), (7, 4128), (300, 4096), (5, 2, 64)])
+def test_our_q8_0_is_ggml_bit_for_bit(shape):
+    """Our Q8_0 quantizer (used slab by slab, to bound memory) gives the bytes of gguf's."""
+    from babyllama.export import _gguf_data, quantize_gguf_q8_0
+
+    rng = np.random.default_rng(sum(shape))
+    w = (rng.standard_normal(shape) * rng.choice([1e-3, 1.0, 50.0], shape)).astype(np.float32)
+    flat = w.reshape(-1, 32)
+    flat[:6] = _tricky_blocks()[:len(flat[:6])]
+    want = gguf.quants.quantize(w, gguf.GGMLQuantizationType.Q8_0)
+    got = quantize_gguf_q8_0(w)
+    assert got.dtype == np.uint8 and got.shape == want.shape
+    assert np.array_equal(got, want)
+    if len(shape) == 2:   # in slabs of a few rows, as write_gguf writes it
+        assert np.array_equal(_gguf_data(w, gguf.GGMLQuantizationType.Q8_0), want)
+
+
 def test_metadata_and_vocabulary(tmp_path, tok):
     import sentencepiece as spm
 
@@ -150,6 +180,21 @@ def test_bad_input_leaves_nothing(tmp_path, tok):
     with pytest.raises(OSError, match="m.gguf: cannot write the GGUF file"):
         write_gguf(m, tok, tmp_path / "file" / "m.gguf")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+@pytest.mark.parametrize("dtype, big", [("f16", 7e4), ("q8_0", 8.4e6), ("q8_0", np.nan)])
+def test_values_the_dtype_cannot_hold(tmp_path, tok, dtype, big):
+    """fp16 overflows past 65504, and a Q8_0 block's fp16 scale max|x|/127 past 127 x 65504:
+    refused by name rather than written as inf; so is a NaN."""
+    m = _model(ARGS, True)
+    with torch.no_grad():
+        m.layers[1].attention.wk.weight[3, 5] = float(big)
+    with pytest.raises(ValueError, match=r"layers.1.wk \(blk.1.attn_k.weight\): a value of "
+                                         rf"magnitude {re.escape(f'{big:g}')} does not fit "
+                                         rf"{dtype.upper()}"):
+        write_gguf(m, tok, tmp_path / "m.gguf", dtype=dtype)
+    assert list(tmp_path.iterdir()) == []
+    write_gguf(m, tok, tmp_path / "m.gguf", dtype="f32")   # f32 holds it
 
 
 def test_cli_export_gguf(tmp_path, tok):

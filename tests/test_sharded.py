@@ -1,7 +1,8 @@
 """Sharded checkpoints: Hugging Face indexes and Meta model-parallel files, read tensor by tensor.
 
 Every conversion from shards must give the same bytes as converting the model loaded whole;
-a big checkpoint (>= 500 MB) is converted in a subprocess whose peak RSS is measured."""
+a big checkpoint (>= 500 MB) is converted, to v0 and to GGUF q8_0, in a subprocess whose peak
+RSS is measured."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from helpers import scaled_model
@@ -24,8 +26,10 @@ ARGS = ModelArgs(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=512, ma
                  hidden_dim=96)
 
 
-def shard_hf(src, dst, n_shards: int) -> dict:
-    """Split a model.safetensors into n shards plus model.safetensors.index.json."""
+def shard_hf(src, dst, n_shards: int, bin: bool = False) -> dict:
+    """Split a model.safetensors into n shards plus model.safetensors.index.json, or, with
+    `bin`, into torch.save'd pytorch_model-0000i-of-0000n.bin plus pytorch_model.bin.index.json
+    (how transformers sharded checkpoints before safetensors)."""
     from safetensors.torch import load_file, save_file
 
     sd = load_file(src / "model.safetensors")
@@ -33,13 +37,15 @@ def shard_hf(src, dst, n_shards: int) -> dict:
     (dst / "config.json").write_text((src / "config.json").read_text())
     names = sorted(sd)
     weight_map = {}
+    stem, ext = ("pytorch_model", "bin") if bin else ("model", "safetensors")
     for i in range(n_shards):
         part = names[i::n_shards]
-        fname = f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors"
-        save_file({k: sd[k] for k in part}, dst / fname)
+        fname = f"{stem}-{i + 1:05d}-of-{n_shards:05d}.{ext}"
+        save = torch.save if bin else save_file
+        save({k: sd[k].clone() for k in part}, dst / fname)
         weight_map.update({k: fname for k in part})
     index = {"metadata": {}, "weight_map": weight_map}
-    (dst / "model.safetensors.index.json").write_text(json.dumps(index))
+    (dst / f"{stem}.{ext}.index.json").write_text(json.dumps(index))
     return index
 
 
@@ -68,11 +74,11 @@ def model():
     return m
 
 
-@pytest.mark.parametrize("layout", ["hf", "meta"])
+@pytest.mark.parametrize("layout", ["hf", "hf_bin", "meta"])
 def test_sharded_equals_whole(tmp_path, model, data_dir, layout):
-    if layout == "hf":
+    if layout.startswith("hf"):
         model.save_pretrained(tmp_path / "whole")
-        shard_hf(tmp_path / "whole", tmp_path / "ckpt", 3)
+        shard_hf(tmp_path / "whole", tmp_path / "ckpt", 3, bin=layout == "hf_bin")
     else:
         shard_meta(model, tmp_path / "ckpt", 2)
     back = Transformer.from_pretrained(tmp_path / "ckpt")
@@ -135,6 +141,49 @@ def test_tensor_twice_or_missing(sharded):
     with pytest.raises(CheckpointError, match=rf"{f1.name}: holds tensor {k}, but "
                                               rf"model.safetensors.index.json does not list"):
         Transformer.from_pretrained(d)
+
+
+@pytest.fixture
+def sharded_bin(tmp_path, model):
+    model.save_pretrained(tmp_path / "whole")
+    return tmp_path / "ckpt", shard_hf(tmp_path / "whole", tmp_path / "ckpt", 3, bin=True)
+
+
+def test_bin_index_bad_shards(sharded_bin):
+    """pytorch_model.bin.index.json goes through the same checks as the safetensors index."""
+    d, index = sharded_bin
+    f1, f2 = d / "pytorch_model-00001-of-00003.bin", d / "pytorch_model-00002-of-00003.bin"
+    one, two = (torch.load(f, weights_only=True) for f in (f1, f2))
+    k = sorted(n for n in one if ".layers." in n)[0]
+    torch.save({**two, k: one[k]}, f2)
+    with pytest.raises(CheckpointError, match=rf"tensor {k} is in two shards, {f1.name} and "
+                                              rf"{f2.name}"):
+        Transformer.from_pretrained(d)
+    torch.save(two, f2)
+    f1.unlink()
+    with pytest.raises(CheckpointError, match=rf"pytorch_model.bin.index.json: names shard "
+                                              rf"{f1.name} \(for \S+ and others\), which "
+                                              rf"does not exist"):
+        Transformer.from_pretrained(d)
+    with pytest.raises(CheckpointError, match=rf"names shard {f1.name}"):
+        open_weights(d)   # the export path, too
+
+
+class _Payload:
+    """A pickle that would run code when loaded without weights_only."""
+
+    def __reduce__(self):
+        return (exec, ("open('PWNED', 'w').write('x')",))
+
+
+def test_bin_shard_is_never_unpickled_with_code(sharded_bin, tmp_path, monkeypatch):
+    d, index = sharded_bin
+    f2 = d / "pytorch_model-00002-of-00003.bin"
+    torch.save({**torch.load(f2, weights_only=True), "evil": _Payload()}, f2)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CheckpointError, match=rf"{f2.name}: cannot load as a weights-only"):
+        Transformer.from_pretrained(d)
+    assert not (tmp_path / "PWNED").exists()
 
 
 def test_meta_shards_that_disagree(tmp_path, model):
@@ -216,15 +265,39 @@ def _make_big(d, args: ModelArgs, n_shards: int) -> int:
     return size
 
 
-def _convert(src, out) -> int:
-    r = subprocess.run([sys.executable, "-c", PEAK, "export", str(src), str(out)],
+def pad_tokenizer(src: Path, n: int, dst: Path) -> Path:
+    """A SentencePiece model with n pieces: src's, then rare made-up ones. A ModelProto's
+    pieces are its repeated field 1, and protobuf appends repeated fields in wire order, so
+    each extra piece is one more field-1 record (piece: field 1, score: field 2) at the end."""
+    import struct
+
+    from babyllama.tokenizer import load_sentencepiece
+
+    def varint(v: int) -> bytes:
+        out = b""
+        while v >= 0x80:
+            out, v = out + bytes([v & 0x7F | 0x80]), v >> 7
+        return out + bytes([v])
+
+    extra = []
+    for i in range(load_sentencepiece(src).vocab_size(), n):
+        piece = f"\u2581x{i}".encode()
+        msg = b"\x0a" + varint(len(piece)) + piece + b"\x15" + struct.pack("<f", -1e4 - i)
+        extra.append(b"\x0a" + varint(len(msg)) + msg)
+    dst.write_bytes(src.read_bytes() + b"".join(extra))
+    assert load_sentencepiece(dst).vocab_size() == n
+    return dst
+
+
+def _convert(src, out, *extra: str) -> int:
+    r = subprocess.run([sys.executable, "-c", PEAK, "export", str(src), str(out), *extra],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     return int(r.stderr.rsplit("PEAK_KB", 1)[1].split()[0]) * 1024
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="peak RSS read from /proc")
-def test_big_sharded_checkpoint_in_bounded_memory(tmp_path):
+def test_big_sharded_checkpoint_in_bounded_memory(tmp_path, data_dir):
     size = _make_big(tmp_path / "big", BIG, 4)
     assert size >= 500e6
     _make_big(tmp_path / "tiny", ModelArgs(dim=64, n_layers=1, n_heads=8, vocab_size=64,
@@ -236,6 +309,29 @@ def test_big_sharded_checkpoint_in_bounded_memory(tmp_path):
           f"baseline {baseline / 1e6:.0f} MB, extra {(peak - baseline) / 1e6:.0f} MB = "
           f"{(peak - baseline) / largest:.2f} x the largest tensor ({largest / 1e6:.0f} MB)")
     assert peak - baseline <= 2 * largest
+    # GGUF q8_0: the fp32 tensor as read, its Q8_0 bytes (34/128 of it) and slab temporaries
+    tok = pad_tokenizer(data_dir / "tok512.model", BIG.vocab_size, tmp_path / "tok32k.model")
+    peak_q = _convert(tmp_path / "big", tmp_path / "big.gguf", "--tokenizer", str(tok),
+                      "--dtype", "q8_0")
+    print(f"GGUF q8_0: peak RSS {peak_q / 1e6:.0f} MB, extra {(peak_q - baseline) / 1e6:.0f} "
+          f"MB = {(peak_q - baseline) / largest:.2f} x the largest tensor")
+    assert peak_q - baseline <= 2 * largest
+    import gguf
+    from safetensors import safe_open
+
+    emb = {t.name: t for t in gguf.GGUFReader(tmp_path / "big.gguf").tensors}["token_embd.weight"]
+    blocks = np.asarray(emb.data).reshape(-1, 34)
+    d = blocks[:, :2].copy().view("<f2").astype(np.float32)
+    got = (blocks[:, 2:].copy().view(np.int8) * d).reshape(BIG.vocab_size, BIG.dim)
+    shard = json.loads((tmp_path / "big" / "model.safetensors.index.json").read_text())
+    with safe_open(tmp_path / "big" / shard["weight_map"]["model.embed_tokens.weight"],
+                   "np") as f:
+        want = f.get_tensor("model.embed_tokens.weight")
+    step = np.abs(want.reshape(-1, 32)).max(1, keepdims=True) / 127
+    # half a step, plus |q| <= 127 times the fp16 rounding of the step
+    bound = 0.5 * step + 127 * np.abs(d - step) + 1e-9
+    assert (np.abs(got.reshape(-1, 32) - want.reshape(-1, 32)) <= bound).all()
+    del emb, blocks, got, want
     whole = Transformer.from_pretrained(tmp_path / "big")
     write_model(whole, tmp_path / "whole.bin")
     del whole

@@ -442,6 +442,54 @@ def _gguf_type(shape: tuple[int, ...], dtype: str):
     return T.Q8_0 if shape[-1] % gguf.GGML_QUANT_SIZES[T.Q8_0][0] == 0 else T.F32
 
 
+FP16_MAX = 65504.0
+GGUF_Q8_0_BLOCK = 32   # values per block; each block is an fp16 scale then 32 int8: 34 bytes
+
+
+def quantize_gguf_q8_0(w: np.ndarray) -> np.ndarray:
+    """GGML's Q8_0 of a matrix whose rows are whole 32-value blocks, as uint8 (rows, 34 per
+    block). Per block, d = max|x| / 127 and q = x * (1/d) rounded half away from zero (C's
+    roundf, as ggml's reference quantizer does; our v2 files round half to even instead),
+    then d stored as fp16. Computed in fp32 throughout, like ggml, so the bytes are ggml's."""
+    w = np.asarray(w, dtype=np.float32)
+    x = w.reshape(-1, GGUF_Q8_0_BLOCK)
+    d = np.abs(x).max(axis=1, keepdims=True) / np.float32(127)
+    inv = np.divide(np.float32(1), d, out=np.zeros_like(d), where=d != 0)   # all-zero: q = 0
+    v = x * inv
+    q = np.trunc(v)
+    q += np.sign(v) * (np.abs(v - q) >= 0.5)   # exact: no v + 0.5 that could round up
+    out = np.empty((x.shape[0], 2 + GGUF_Q8_0_BLOCK), dtype=np.uint8)
+    out[:, :2] = d.astype(np.float16).view(np.uint8)
+    out[:, 2:] = q.astype(np.int8).view(np.uint8)
+    return out.reshape(*w.shape[:-1], -1)
+
+
+def _gguf_data(arr: np.ndarray, qtype) -> np.ndarray:
+    """The bytes of one tensor as GGUF stores it. Q8_0 is quantized a slab of rows at a time
+    into the output, so beyond the fp32 tensor itself this holds its 34/128-sized result and
+    a few slab-sized temporaries (gguf's own quantizer holds the result twice, in pieces and
+    joined)."""
+    import gguf
+
+    T = gguf.GGMLQuantizationType
+    if qtype == T.F32:
+        return arr
+    limit = FP16_MAX * (127 if qtype == T.Q8_0 else 1)   # Q8_0's scale max|x|/127 is fp16
+    peak = max(float(arr.max()), -float(arr.min()))      # no |arr| temporary; NaN fails below
+    if not peak <= limit:
+        raise ValueError(f"a value of magnitude {peak:g} does not fit {qtype.name}, whose "
+                         f"largest is {limit:g} (fp16's {FP16_MAX:g}"
+                         + (" times 127)" if qtype == T.Q8_0 else ")") + ": write it as f32")
+    if qtype == T.F16:
+        return arr.astype(np.float16)
+    out = np.empty((arr.shape[0], arr.shape[1] // GGUF_Q8_0_BLOCK * (2 + GGUF_Q8_0_BLOCK)),
+                   dtype=np.uint8)
+    rows = max(1, (1 << 14) // arr.shape[1])   # 64 KB of fp32: the temporaries stay in cache
+    for r in range(0, arr.shape[0], rows):
+        out[r:r + rows] = quantize_gguf_q8_0(arr[r:r + rows])
+    return out
+
+
 def _gguf_nbytes(shape: tuple[int, ...], qtype) -> int:
     import gguf
 
@@ -479,7 +527,10 @@ def write_gguf(model, tokenizer_model_path: str | Path, path: str | Path,
 
     wq and wk go in as they are: llama.cpp's llama rotates interleaved pairs, as Meta's code
     and ours do (its converter undoes Hugging Face's permutation). Tensors are converted and
-    written one at a time, so a lazy `weights` mapping keeps memory to about one tensor."""
+    written one at a time, so with a lazy `weights` mapping the memory beyond the interpreter
+    is one fp32 tensor plus its converted bytes (f16: half of it; q8_0: 34/128 of it, see
+    `_gguf_data`). Checked in llama.cpp by bench/bench_gguf.py: f32 logits within 1e-5 of
+    PyTorch's, greedy ids identical."""
     import gguf
 
     if dtype not in GGUF_DTYPES:
@@ -524,12 +575,13 @@ def write_gguf(model, tokenizer_model_path: str | Path, path: str | Path,
             arr = np.ascontiguousarray(w[name], dtype=np.float32)
             if arr.shape != _shape(name, a):
                 raise ValueError(f"{name}: expected shape {_shape(name, a)}, got {arr.shape}")
-            if types[name] == gguf.GGMLQuantizationType.F16:
-                arr = arr.astype(np.float16)
-            elif types[name] == gguf.GGMLQuantizationType.Q8_0:
-                arr = gguf.quants.quantize(arr, types[name])
-            writer.write_tensor_data(arr)
-            del arr
+            try:
+                data = _gguf_data(arr, types[name])
+            except ValueError as e:
+                raise ValueError(f"{name} ({gguf_name(name)}): {e}") from None
+            del arr   # the fp32 copy, before the next tensor is read
+            writer.write_tensor_data(data)
+            del data
         writer.close()
         os.replace(tmp, path)
     except OSError as e:
