@@ -29,6 +29,8 @@ FINETUNE_ITERS = 100       # instruction tuning: about 2 minutes on 2 cores
 BOOK_REQUESTS = ["Tell me a story about a shy fox named Max who finds a red lantern.",
                  "Write a story about Lily, a curious owl who finds a blue teapot.",
                  "Can you tell me a story about a brave penguin called Ben? He finds a tiny map."]
+BOOK_REQUEST_DETAILS = [("Max", "fox", "lantern"), ("Lily", "owl", "teapot"),
+                        ("Ben", "penguin", "map")]   # what an answer must name
 
 
 @dataclass(frozen=True)
