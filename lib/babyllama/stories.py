@@ -374,6 +374,11 @@ SHORT_PLOTS = [
     ["The wind blew the {obj} into a {spot}, and {A} could not reach it.",
      "{B}, {adj_b} {BK}, climbed up and got it back.", "\"You are a good friend,\" said {A}."],
 ]
+# and it ends on its hero, animal and object once more
+REQUEST_ENDINGS = ["From that day on, {A} the {AK} took the {obj} everywhere.",
+                   "That night, the {AK} went to sleep next to the {oadj} {obj}.",
+                   "{A} the {AK} kept the {obj} forever, and {AP} never forgot that {time}.",
+                   "And {A} the {AK} and {APp} {obj} lived happily ever after."]
 MORAL_LINES = ["{A} learned that {moral}.", "The moral of the story is: {moral}.",
                "And so {A} knew that {moral}."]
 
@@ -409,7 +414,7 @@ def _story(rng: random.Random, req: Request | None = None) -> tuple[str, Charact
         if obj2 == req.obj:
             fields["obj2"] = obj
     if req is not None:
-        lines = [*REQUEST_OPENING, *rng.choice(SHORT_PLOTS), rng.choice(ENDINGS)]
+        lines = [*REQUEST_OPENING, *rng.choice(SHORT_PLOTS), rng.choice(REQUEST_ENDINGS)]
         return " ".join(line.format(**fields) for line in lines), a, b
     setup, ask, helps, end = rng.choice(PROBLEMS)
     lines = [rng.choice(INTROS)]
