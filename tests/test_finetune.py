@@ -187,3 +187,14 @@ def test_cli_finetune_export_and_eval_requests(base, data_dir, tmp_path, capsys,
     assert int(got.group(1)) == count
     assert main(["eval-requests", str(tmp_path / "ft.bin"), "-z", str(tmp_path / "none.bin"),
                  "--engine", "numpy"]) == 1
+
+
+def test_book_requests_are_held_out_and_their_details_named():
+    from babyllama import book
+    from babyllama.stories import is_held_out
+
+    assert len(book.BOOK_REQUESTS) == len(book.BOOK_REQUEST_DETAILS) == 3
+    for text, (name, animal, obj) in zip(book.BOOK_REQUESTS, book.BOOK_REQUEST_DETAILS):
+        words = re.findall(r"[A-Za-z]+", text)
+        assert {name, animal, obj} <= set(words), text
+        assert is_held_out(name, animal, obj), text
