@@ -26,6 +26,7 @@
 # %%
 import copy
 import math
+import re
 import shutil
 import time
 
@@ -395,7 +396,10 @@ for name, path in (("after 20 iterations", early), (f"after {cfg.max_iters} iter
 # request, we keep training it on requests and their answers. The story generator writes
 # those too: a request such as "Tell me a story about a shy fox named Max who finds a red
 # lantern." and a short story that honours every detail of it (the name, the trait, the
-# animal, the object and its colour).
+# animal, the object and its colour). Every answer opens the same way, restating the request
+# — "Once upon a time, there was a shy fox named Max. One day, Max found a red lantern." —
+# and the rest of the story keeps using those details. Why that fixed opening matters is the
+# subject of the end of this section.
 #
 # Each pair becomes one training row: BOS, the request rendered with Llama 2's chat template
 # exactly as chat mode will render it (`[INST] … [/INST]`, `babyllama.chat.encode_turn`,
@@ -409,7 +413,7 @@ for name, path in (("after 20 iterations", early), (f"after {cfg.max_iters} iter
 
 # %%
 from babyllama import data as D
-from babyllama.chat import TorchEngine, encode_turn
+from babyllama.chat import encode_turn
 from babyllama.instruct import answer, evaluate_requests
 from babyllama.stories import generate_requests, is_held_out
 
@@ -446,47 +450,106 @@ print(f"masked loss of the book model on requests: {loss.item():.3f} "
 assert abs(loss.item() - by_hand.item()) < 1e-4
 
 # %% [markdown]
+# **Copying is the hard part.** To honour a request it has never seen, the model must copy
+# "Max", "fox" and "lantern" from the prompt into its answer. With our 512-piece vocabulary a
+# word is several pieces (" M", "ax"; " ", "f", "o", "x"), so copying a word means finding its
+# first piece back in the context and continuing it. Does the book model do that in its own
+# stories, where the hero's name comes back again and again? We measure the probability it
+# gives the first piece of the hero's name at the name's first mention (which nothing
+# predicts) and at every later one (which copying would predict):
+
+# %%
+p_name: dict[str, list[float]] = {"first": [], "later": []}
+for text in val_docs[:40]:
+    hero = re.search(r"(?:named|called|name was) ([A-Z][a-z]+)", text) or \
+        re.match(r"([A-Z][a-z]+) was", text)
+    ids = tok.encode(text, bos=True)[:args.max_seq_len]
+    name = tok.encode(hero.group(1), bos=False)
+    with torch.no_grad():
+        logp = torch.log_softmax(base(torch.tensor([ids]))[0][0], -1)
+    hits = [t for t in range(1, len(ids) - len(name) + 1) if ids[t:t + len(name)] == name]
+    for k, t in enumerate(hits):
+        p_name["first" if k == 0 else "later"].append(logp[t - 1, ids[t]].exp().item())
+for k, v in p_name.items():
+    print(f"p(first piece of the hero's name), {k:5} mentions: {np.mean(v):.2f} over {len(v)}")
+
+# %% [markdown]
+# Later mentions are barely more likely than the first: after 614,400 tokens the book model
+# has learned how a story goes and how names are spelled, but not yet to look back and copy
+# which name this story is about (trained twice as long, it starts to). A fine-tuning run
+# whose answers start in many different ways stays in that state: we first tried answers
+# opening with the corpus's varied sentences, and after 100 iterations 0 of 50 requests were
+# honoured, held-out or not — the answers had the right form and an invented cast.
+#
+# So the answers open with the same two sentences, which restate the request. Every detail
+# then has a fixed place right after `[/INST]` ("named" → the name, "found a red" → the
+# object), and the gradient of every answer pushes the same attention heads to look back at
+# the prompt for it. This is a choice about the *data*, not the metric: the model still has
+# to copy, and the evaluation still asks only for (name, animal, object) combinations it has
+# never been trained on.
+#
 # Fine-tuning is the training loop of this chapter, unchanged, started from the book model's
-# weights, with a smaller learning rate and the request rows as data:
+# weights, with the request rows as data (and a cosine schedule of its own):
 # `babyllama finetune --from out/book/ckpt.pt --out out/finetune` (`train.finetune`). It
 # checkpoints and resumes exactly like `train`, and the result exports like any model.
-#
-# To measure whether the model follows requests rather than recalls them, one (name, animal,
-# object) combination in 8 is *held out* by construction (`stories.is_held_out`, a fixed hash):
-# fine-tuning never sees those combinations, and the evaluation asks only for them. An answer
-# counts when it names the requested character, animal and object.
 
 # %%
 # NBVAL_IGNORE_OUTPUT
+t0 = time.perf_counter()
 ft_bin = book.ensure_finetuned(paths, progress=False)   # reused when `babyllama book` made it
 ft_log = read_log(paths.ft_dir / "log.jsonl")
-print([(r["iter"], round(r["val_loss"], 3)) for r in ft_log if "val_loss" in r])
-tuned = Transformer.from_pretrained(paths.ft_ckpt).eval()
+ft_cfg = torch.load(paths.ft_ckpt, map_location="cpu", weights_only=True)["config"]
+ft_steps = [r for r in ft_log if "tokens_per_s" in r]
+print(f"{ft_cfg['max_iters']} iterations of {ft_cfg['batch_size']} requests, learning rate "
+      f"{ft_cfg['learning_rate']:g}: {time.perf_counter() - t0:.0f} s, "
+      f"{ft_steps[-1]['tokens_per_s']:,.0f} tokens/s")
+print("masked validation loss:", [(r["iter"], round(r["val_loss"], 3)) for r in ft_log
+                                  if "val_loss" in r])
+
+# %% [markdown]
+# Now we ask. The C engine of chapter 06 (`babyllama.fast_c`, compiled on first use) answers
+# much faster than the PyTorch model, over the two models exported as llama2.c files: the
+# book model (chapter 04's `book_v0.bin`) and the fine-tuned one (`book_chat.bin`). Answers
+# are greedy, and `answer` feeds exactly the ids chat mode would (`encode_turn`).
+
+# %%
+from babyllama.fast_c import CLlama
+
+engines = {"before": CLlama.load(book.ensure_exports(paths)[0]),
+           "after": CLlama.load(ft_bin)}
 request = book.BOOK_REQUESTS[0]
 assert is_held_out("Max", "fox", "lantern")
 print(f"> {request}")
-for name, m in (("before", base), ("after", tuned)):
-    print(f"--- {name} fine-tuning ---\n{answer(TorchEngine(m), tok, request)}\n")
-
-# %%
-scores = {name: evaluate_requests(TorchEngine(m), tok, n=50)
-          for name, m in (("before", base), ("after", tuned))}
-for name, s in scores.items():
-    print(f"{name:6} fine-tuning: {s.fraction:.0%} of {s.n} held-out requests honoured")
-assert scores["after"].fraction >= scores["before"].fraction
+for name, engine in engines.items():
+    print(f"--- {name} fine-tuning ---\n{answer(engine, tok, request)}\n")
 
 # %% [markdown]
-# **What this measured, honestly.** The masked loss on the answers falls from 2.90 nats/token
-# before fine-tuning to 0.77 on validation requests after 100 iterations, and the answers take
-# the requested *form*: a short
-# story that opens, finds an object and ends. But 0 of 50 held-out requests are honoured, before
-# or after: the answer invents its own cast instead of copying "Max", "fox" and "lantern" from
-# the prompt. Copying a name from 60 tokens back is an attention skill the book model has barely
-# begun to learn in 614k tokens (its samples above still invent words). The recipe is right;
-# the base model is too weak for it. A stronger base model — `--preset stories15M`, or the book
-# preset trained for several times `book.BOOK_ITERS` — is the first thing to try, and
-# `babyllama eval-requests` measures the result.
+# And we measure: 50 held-out requests, before and after, and — to tell following from
+# recalling — 50 requests the model was fine-tuned on. An answer counts only when it names the
+# requested character, animal and object (`stories.honours`); the parts say how often each
+# of the three was named.
 
+# %%
+scores = {"before, held-out": evaluate_requests(engines["before"], tok, n=50),
+          "after, held-out": evaluate_requests(engines["after"], tok, n=50),
+          "after, fine-tuned on": evaluate_requests(engines["after"], tok, n=50,
+                                                    held_out=False)}
+for name, s in scores.items():
+    print(f"{name:21} {s}")
+
+# %% [markdown]
+# **Reading the numbers.** Compare the two "after" lines first: if the fine-tuned model did
+# better on requests it was trained on than on held-out ones, it would be recalling answers;
+# when the two are close, whatever it does, it does by reading the prompt. Then the parts:
+# the name is the first detail the model learns to copy (its first piece is a capital letter,
+# easy to find in the prompt), the animal and the object — lowercase words spelled in several
+# pieces, which only an *induction* head (find the earlier occurrence of this piece, predict
+# the piece that followed it) can copy — come later. The chapter stops fine-tuning at
+# `book.FINETUNE_ITERS` iterations to stay within its time budget; that is before those heads
+# form. Fine-tuned about three times as long (`babyllama finetune --max-iters 400`, a few
+# minutes on two cores), the book model copies all three details of most held-out requests,
+# at about the same rate as for requests it was trained on; `babyllama eval-requests
+# out/book_chat.bin -z out/tok512.bin --n 50` measures it.
 # %% [markdown]
 # ## Exercises
 #

@@ -14,8 +14,9 @@ from babyllama import data as D
 from babyllama.chat import encode_turn, render_turn
 from babyllama.cli import main
 from babyllama.inference_numpy import NumpyLlama
+from babyllama.instruct import EVAL_SEED, evaluate_requests
 from babyllama.model import Transformer
-from babyllama.stories import generate_requests, iter_requests
+from babyllama.stories import ANIMALS, BOYS, GIRLS, OBJECTS, generate_requests, iter_requests
 from babyllama.tokenizer import EOS, Tokenizer
 from babyllama.train import TrainConfig, TrainingError, finetune, read_log, train
 
@@ -62,6 +63,49 @@ def test_rows_mask_everything_but_the_answer(tok):
     assert (y[pick, a[1].shape[1]:] == D.IGNORE).all() and (a[1][:, -1] != D.IGNORE).any()
     with pytest.raises(ValueError, match="seq_len 32"):
         D.request_rows(tok, 4, 32)
+
+
+def test_finetuning_rows_never_hold_an_evaluated_combination(tok):
+    """Decode the rows fine-tuning trains on: no row names all three of an evaluated request's
+    character, animal and object (checked on the text, independently of is_held_out)."""
+    x, y = D.request_rows(tok, 400, SEQ, seed=D.REQUEST_SEEDS["train"])
+    names, animals, objects = set(BOYS + GIRLS), set(ANIMALS), set(OBJECTS)
+    combos = set()
+    for row in x:
+        words = set(re.findall(r"[A-Za-z]+(?:-[a-z]+)?", tok.decode(row[row != 0].tolist())))
+        for n in words & names:
+            combos |= {(n, a, o) for a in words & animals for o in words & objects}
+    for split, seed in (("val", D.REQUEST_SEEDS["val"]), ("eval", EVAL_SEED)):
+        held = {(r.name, r.animal, r.obj) for r, _ in generate_requests(50, seed, held_out=True)}
+        assert not held & combos, split
+    seen = {(r.name, r.animal, r.obj) for r, _ in generate_requests(50, EVAL_SEED)}
+    assert seen <= combos   # held_out=False evaluates requests fine-tuning did train on
+
+
+class _Recaller:
+    """A stand-in engine that answers a known request with its generated story and anything
+    else with one fixed story: perfect recall, no following."""
+    def __init__(self, tok, pairs):
+        self.tok, self.args = tok, type("A", (), {"max_seq_len": SEQ})()
+        self.known = {encode_turn(tok, r.text)[-40:].__repr__(): s for r, s in pairs}
+        self.fixed = pairs[0][1]
+
+    def generate(self, prompt, steps, temperature, topp, seed):
+        story = self.known.get(prompt[-40:].__repr__(), self.fixed)
+        return self.tok.encode(story, bos=False) + [EOS]
+
+
+def test_evaluate_requests_tells_recall_from_following(tok):
+    seen = generate_requests(20, EVAL_SEED)
+    engine = _Recaller(tok, seen)
+    s = evaluate_requests(engine, tok, n=20, held_out=False)
+    assert (s.honoured, s.parts) == (20, {"name": 20, "animal": 20, "object": 20})
+    held = evaluate_requests(engine, tok, n=20)   # the same fixed story for every request
+    r0 = seen[0][0]
+    expect = sum(r.name == r0.name and r.animal == r0.animal and r.obj == r0.obj
+                 for r, _ in generate_requests(20, EVAL_SEED, held_out=True))
+    assert held.honoured == expect == 0 and held.parts["name"] < 20
+    assert str(held).startswith("0/20 = 0% honoured (name ")
 
 
 def test_masked_loss_is_the_answer_tokens_only(tok):
@@ -143,3 +187,14 @@ def test_cli_finetune_export_and_eval_requests(base, data_dir, tmp_path, capsys,
     assert int(got.group(1)) == count
     assert main(["eval-requests", str(tmp_path / "ft.bin"), "-z", str(tmp_path / "none.bin"),
                  "--engine", "numpy"]) == 1
+
+
+def test_book_requests_are_held_out_and_their_details_named():
+    from babyllama import book
+    from babyllama.stories import is_held_out
+
+    assert len(book.BOOK_REQUESTS) == len(book.BOOK_REQUEST_DETAILS) == 3
+    for text, (name, animal, obj) in zip(book.BOOK_REQUESTS, book.BOOK_REQUEST_DETAILS):
+        words = re.findall(r"[A-Za-z]+", text)
+        assert {name, animal, obj} <= set(words), text
+        assert is_held_out(name, animal, obj), text

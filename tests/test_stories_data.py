@@ -87,6 +87,10 @@ def test_requests_are_honoured_and_held_out_by_construction():
         assert f"named {r.name}" in story or f"called {r.name}" in story or \
             f"name was {r.name}" in story or story.startswith(f"{r.name} was ")
         assert 40 <= len(story.split()) <= 110
+        # the answer opens by restating the request, the same two sentences every time
+        assert re.match(rf"Once upon a time, there was an? {r.adjective} {r.animal} named "
+                        rf"{r.name}\. One day, {r.name} found an? {r.obj_adj} {r.obj}\. ", story), \
+            (r, story)
         assert honours(r, story) == {"name": True, "animal": True, "object": True}
         he, she = {"he", "him", "his"}, {"she", "her"}
         first = re.findall(r"[a-z]+", story.split(". ")[0].lower())

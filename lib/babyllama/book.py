@@ -24,11 +24,13 @@ BOOK_BATCH = 8             # for a fixed number of tokens, more and smaller step
 BOOK_WARMUP = 20           # chapter 03 stops at iteration 20 to show an early sample, then
                            # resumes: as long as 20 <= warmup, that equals one straight run
 BOOK_SEED = 0
-FINETUNE_ITERS = 100       # instruction tuning: about 2 minutes on 2 cores
+FINETUNE_ITERS = 120       # x 16 requests (~450k tokens): about a minute on 2 cores
 # three requests whose (name, animal, object) never occur in the fine-tuning data
 BOOK_REQUESTS = ["Tell me a story about a shy fox named Max who finds a red lantern.",
                  "Write a story about Lily, a curious owl who finds a blue teapot.",
                  "Can you tell me a story about a brave penguin called Ben? He finds a tiny map."]
+BOOK_REQUEST_DETAILS = [("Max", "fox", "lantern"), ("Lily", "owl", "teapot"),
+                        ("Ben", "penguin", "map")]   # what an answer must name
 
 
 @dataclass(frozen=True)

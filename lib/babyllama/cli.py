@@ -314,6 +314,7 @@ def book_chat(p, tok) -> None:
     """The book's last step: instruction tuning, then three requests answered in chat mode."""
     from babyllama import book
     from babyllama.instruct import answer, evaluate_requests
+    from babyllama.stories import Request, honours
 
     print(f"6/6 instruction tuning ({book.FINETUNE_ITERS} iterations on generated requests), "
           f"then chat")
@@ -322,9 +323,11 @@ def book_chat(p, tok) -> None:
     after = evaluate_requests(engine, tok, 50)
     print(f"    held-out requests honoured: before {before.fraction:.0%}, after "
           f"{after.fraction:.0%} ({after})")
-    for request in book.BOOK_REQUESTS:
-        print(f"\n> {request}")
-        print(answer(engine, tok, request, temperature=0.8, seed=42))
+    for request, (name, animal, obj) in zip(book.BOOK_REQUESTS, book.BOOK_REQUEST_DETAILS):
+        reply = answer(engine, tok, request)   # a first chat turn, greedy as measured above
+        got = honours(Request(name, False, "", animal, "", obj, request), reply)
+        print(f"\n> {request}\n{reply}\n    [names {name}: {got['name']}, the {animal}: "
+              f"{got['animal']}, the {obj}: {got['object']}]")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -7,7 +7,9 @@
     babyllama eval-requests out/finetune.bin -z out/tok512.bin --n 50
 
 The requests evaluated are held out by construction (stories.is_held_out): their (name, animal,
-object) combinations never occur in fine-tuning data. Works with any engine that has the shared
+object) combinations never occur in fine-tuning data. With held_out=False it asks the first
+fine-tuning requests instead (seed 0 is data.REQUEST_SEEDS["train"]): requests the model was
+trained on, to tell recall from following. Works with any engine that has the shared
 `generate` interface (NumPy, C, or babyllama.chat.TorchEngine over a PyTorch model).
 """
 
@@ -47,10 +49,11 @@ class RequestScore:
 
 
 def evaluate_requests(engine, tok, n: int = 50, seed: int = EVAL_SEED, temperature: float = 0.0,
-                      topp: float = 0.9) -> RequestScore:
-    """Answer `n` held-out requests and count those whose answer names all three details."""
+                      topp: float = 0.9, held_out: bool = True) -> RequestScore:
+    """Answer `n` held-out requests (or, held_out=False, fine-tuning requests) and count those
+    whose answer names all three details."""
     score = RequestScore(n, 0, {"name": 0, "animal": 0, "object": 0})
-    for i, (req, _) in enumerate(generate_requests(n, seed, held_out=True)):
+    for i, (req, _) in enumerate(generate_requests(n, seed, held_out=held_out)):
         text = answer(engine, tok, req.text, temperature, topp, seed=seed + i + 1)
         got = honours(req, text)
         score.honoured += all(got.values())

@@ -351,8 +351,14 @@ ENDINGS = [
     "And they lived happily ever after.",
     "{A} never forgot that {time}.",
 ]
-# requested stories are short (a request and its story fit in the book model's 256 tokens):
-# the hero finds the object, then one of these, each of which brings in the friend
+# A requested story opens by restating the request, always in the same two sentences: every
+# detail then sits at a fixed place right after [/INST] ("named" -> the name, "found a red" ->
+# the object), which is where a small model first learns to copy from the prompt (with the
+# varied INTROS and FINDS of the corpus, the book model never learns to: chapter 03, 3.7)
+REQUEST_OPENING = ["Once upon a time, there was {adj_a} {AK} named {A}.",
+                   "One day, {A} found {oadj_a} {obj}."]
+# then one of these short plots (a request and its story fit in the book model's 256 tokens),
+# each of which brings in the friend
 SHORT_PLOTS = [
     ["{A} showed the {obj} to {B}, {adj_b} {BK}.", "\"It is so {oadj}!\" said {B}.",
      "They played with the {obj} until the sun went down."],
@@ -368,13 +374,19 @@ SHORT_PLOTS = [
     ["The wind blew the {obj} into a {spot}, and {A} could not reach it.",
      "{B}, {adj_b} {BK}, climbed up and got it back.", "\"You are a good friend,\" said {A}."],
 ]
+# and it ends on its hero, animal and object once more
+REQUEST_ENDINGS = ["From that day on, {A} the {AK} took the {obj} everywhere.",
+                   "That night, the {AK} went to sleep next to the {oadj} {obj}.",
+                   "{A} the {AK} kept the {obj} forever, and {AP} never forgot that {time}.",
+                   "And {A} the {AK} and {APp} {obj} lived happily ever after."]
 MORAL_LINES = ["{A} learned that {moral}.", "The moral of the story is: {moral}.",
                "And so {A} knew that {moral}."]
 
 
 def _story(rng: random.Random, req: Request | None = None) -> tuple[str, Character, Character]:
-    """One story. With a request, its hero, adjective and object are the requested ones and the
-    story is short (SHORT_PLOTS) so that request and story fit in the book model's context;
+    """One story. With a request, its hero, adjective and object are the requested ones, it opens
+    with REQUEST_OPENING and is short (SHORT_PLOTS), so that request and story fit in the book
+    model's context;
     without one, the rng is drawn exactly as it always was (the corpus stays the same)."""
     a = _character(rng, set()) if req is None else Character(req.name, req.animal, req.female)
     b = _character(rng, {a.name})
@@ -402,8 +414,7 @@ def _story(rng: random.Random, req: Request | None = None) -> tuple[str, Charact
         if obj2 == req.obj:
             fields["obj2"] = obj
     if req is not None:
-        lines = [rng.choice(INTROS), rng.choice(FINDS), *rng.choice(SHORT_PLOTS),
-                 rng.choice(ENDINGS)]
+        lines = [*REQUEST_OPENING, *rng.choice(SHORT_PLOTS), rng.choice(REQUEST_ENDINGS)]
         return " ".join(line.format(**fields) for line in lines), a, b
     setup, ask, helps, end = rng.choice(PROBLEMS)
     lines = [rng.choice(INTROS)]
