@@ -290,7 +290,7 @@ def token_breakdown(threads: int, repeats: int) -> list[dict]:
               f"x{r['ratio']:.2f} [{r['ratio_range'][0]:.2f}-{r['ratio_range'][1]:.2f}], "
               f"{r['tokens']} tokens; split across {threads} threads a token would open "
               f"{r['regions']} parallel regions (~{r['regions'] * r['fork_join_us']:.0f} us), "
-              f"so this shape runs on one (model.c's token_threads)", flush=True)
+              f"so this shape runs on one (work_threads, csrc/model.h)", flush=True)
     return rows
 
 

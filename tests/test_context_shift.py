@@ -259,3 +259,22 @@ def test_cli_context_shift_sanitizers_clean(files, data_dir, tmp_path):
         assert ids == ref
         if temperature == 0.0:   # greedy here never meets EOS: three contexts' worth
             assert len(ids) == 3 * SEQ - len(prompt) + 1
+
+
+@pytest.mark.parametrize("chunk_seconds", [0.0, 1e9])   # one token a call; doubling chunks
+def test_c_generate_chunks_do_not_change_the_tokens(files, chunk_seconds):
+    """CLlama.generate runs the loop in C a chunk of tokens per call (sized by time): any
+    chunking draws NumPy's tokens, and a generator dropped midway leaves the engine usable."""
+    path, prompt = files[1][2], [1, 300, 270, 11]
+    ref = list(NumpyLlama.load(path).generate(prompt, 3 * SEQ, 1.0, 0.9, 3, n_keep=2))
+    assert len(ref) > SEQ, "the run must cross a shift"
+    e = CLlama.load(path, threads=1)
+    e.CHUNK_SECONDS = chunk_seconds
+    g = e.generate(prompt, 3 * SEQ, 1.0, 0.9, 3, n_keep=2)
+    assert [next(g) for _ in range(5)] == ref[:5]
+    g.close()
+    assert list(e.generate(prompt, 3 * SEQ, 1.0, 0.9, 3, n_keep=2)) == ref
+    with pytest.raises(ValueError, match="n_keep"):
+        list(e.generate(prompt, 5, n_keep=SEQ - 1))
+    with pytest.raises(ValueError, match="token id 512 outside the vocabulary"):
+        list(e.generate([1, 512], 5))
