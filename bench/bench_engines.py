@@ -13,7 +13,10 @@ Then prefill and decode tables for the C engine at 1 and --threads threads, fp32
 decode speed beside its memory bound, bytes/token / read bandwidth, the bandwidth measured in
 the same run. Pairs are interleaved (token-by-token, batched, token-by-token, ...) and the
 median ratio is reported with the spread of the pairs, so a shared machine shows its noise.
-The CPU model, its SIMD features and the library's int8 path are printed at the top. With
+The CPU model, its SIMD features and the library's int8 path are printed at the top. For the
+book's small shape (dim 128), a table of where a token's time goes: a ctypes call, the forward
+pass, the sampler, an OpenMP fork/join, and the generation loop in Python against the one in C
+(median of interleaved pairs, the same tokens). With
 llama-cpp-python importable, llama.cpp's prefill and decode on the same weights (GGUF) too.
 
 --llama2c DIR: a llama2.c checkout where `run` and `runq` were built (e.g. `make runomp` and
@@ -197,6 +200,100 @@ def run_prefill_decode(shapes: list[str], threads: list[int], prompt_len: int, g
     return rows
 
 
+def parallel_regions(args, pos: int, int8: bool) -> int:
+    """Parallel regions one token would open if split across threads: kernels.c's per-product
+    rule (>= 2^16 multiply-adds, a Q8_0 row counting 16 more per group) and model.c's for
+    attention ((pos + 1) * dim >= 2^13), as both read; the classifier counted too."""
+    hd = args.dim // args.n_heads
+    kv, h, gs = args.n_kv_heads * hd, args.hidden_dim, 64 if int8 else None
+
+    def big(n: int, *ds: int) -> bool:
+        return sum(d * (n + (16 * n // gs if gs else 0)) for d in ds) >= 1 << 16
+    per_layer = (big(args.dim, args.dim, kv, kv) + ((pos + 1) * args.dim >= 1 << 13)
+                 + big(args.dim, args.dim) + big(args.dim, h, h) + big(h, args.dim))
+    return args.n_layers * per_layer + big(args.dim, args.vocab_size)
+
+
+def _per_token_us(f) -> float:
+    """Microseconds per item of f(), which returns how many items it did."""
+    t0 = time.perf_counter()
+    n = f()
+    return (time.perf_counter() - t0) / max(n, 1) * 1e6
+
+
+def _breakdown(path: Path, threads: int, repeats: int, int8: bool) -> dict:
+    import ctypes
+
+    from babyllama import fast_c
+    from babyllama.fast_c import CLlama
+    from babyllama.inference_numpy import XorShiftRng, generate_loop
+
+    lib, cfg = fast_c.load_library(), np.zeros(10, dtype=np.int32)
+    e = CLlama.load(path, threads=threads)
+    S = e.args.max_seq_len
+    gen = ([1], S, 1.0, 0.9, 7)
+
+    def forwards() -> int:
+        e.reset()
+        for p in range(S):
+            e.forward(5 + p, p)
+        return S
+
+    def samples() -> int:
+        logits, rng = e.forward(5, 0), XorShiftRng(7)
+        for _ in range(S):
+            e.sample(logits, 1.0, 0.9, rng)
+        return S
+
+    def calls() -> int:
+        for _ in range(1000):
+            lib.bl_model_config(e._h, cfg)
+        return 1000
+
+    py = list(generate_loop(e, *gen))
+    assert list(e.generate(*gen)) == py, "the C loop must draw the Python loop's tokens"
+    py_us, c_us = [], []
+    for _ in range(repeats):   # interleaved: a drifting machine load hits both alike
+        py_us.append(_per_token_us(lambda: len(list(generate_loop(e, *gen)))))
+        c_us.append(_per_token_us(lambda: len(list(e.generate(*gen)))))
+    ratios = np.array(py_us) / np.array(c_us)
+    return {"format": "int8" if int8 else "fp32", "threads": threads, "tokens": len(py),
+            "ctypes_us": float(np.median([_per_token_us(calls) for _ in range(3)])),
+            "forward_us": float(np.median([_per_token_us(forwards) for _ in range(3)])),
+            "sample_us": float(np.median([_per_token_us(samples) for _ in range(3)])),
+            "fork_join_us": float(np.median([lib.bl_fork_join_seconds(ctypes.c_int(threads), 50)
+                                             for _ in range(21)])) * 1e6,
+            "regions": parallel_regions(e.args, S // 2, int8),
+            "python_loop_us": float(np.median(py_us)), "c_loop_us": float(np.median(c_us)),
+            "ratio": float(np.median(ratios)),
+            "ratio_range": [float(ratios.min()), float(ratios.max())]}
+
+
+def token_breakdown(threads: int, repeats: int) -> list[dict]:
+    """Where a token's time goes on the book's shape (dim 128, 4 layers, vocab 512), and the
+    generation loop in Python (generate_loop over CLlama: a prefill call and a sampler call per
+    token) against the loop in C (CLlama.generate: bl_context_generate, a call per chunk), the
+    same tokens, in interleaved pairs."""
+    files = make_files("book")
+    rows = [_breakdown(files[v], threads, repeats, v == 2) for v in (0, 2)]
+    print(f"  {'microseconds per token':46} " + "".join(f"{r['format']:>9}" for r in rows))
+    lines = [("ctypes round trip (a no-op call)", "ctypes_us"),
+             ("forward pass (bl_forward, with its call)", "forward_us"),
+             ("sampler, top-p 0.9 (bl_sample, with its call)", "sample_us"),
+             (f"OpenMP fork + join of one region, {threads} thr (median)", "fork_join_us"),
+             ("Python loop: prefill + sample calls a token", "python_loop_us"),
+             ("C loop: bl_context_generate, a call a chunk", "c_loop_us")]
+    for label, key in lines:
+        print(f"  {label:46} " + "".join(f"{r[key]:9.1f}" for r in rows))
+    for r in rows:
+        print(f"  {r['format']}: Python loop / C loop, median of {repeats} interleaved pairs: "
+              f"x{r['ratio']:.2f} [{r['ratio_range'][0]:.2f}-{r['ratio_range'][1]:.2f}], "
+              f"{r['tokens']} tokens; split across {threads} threads a token would open "
+              f"{r['regions']} parallel regions (~{r['regions'] * r['fork_join_us']:.0f} us), "
+              f"so this shape runs on one (work_threads, csrc/model.h)", flush=True)
+    return rows
+
+
 def run_llama_cpp(shapes: list[str], threads: list[int], prompt_len: int, gen: int) -> list[dict]:
     """llama.cpp (llama-cpp-python) on GGUF files written from the same weights, when installed."""
     try:
@@ -372,6 +469,8 @@ def main(argv: list[str] | None = None) -> int:
     print_table(rows)
     results = {"cpu": cpu_info(), "read_bandwidth": bandwidth, "engines": rows}
     threads = sorted({1, a.threads})
+    print(f"\nsmall model (book shape): where a token's time goes, {a.threads} threads:")
+    results["token_breakdown"] = token_breakdown(a.threads, a.repeats)
     print(f"\nC engine: prefill (batched vs token by token, {a.repeats} interleaved pairs) and "
           f"decode vs memory bound:")
     results["prefill"] = run_prefill_decode(a.shapes, threads, a.prefill_prompt, a.gen,

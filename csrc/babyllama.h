@@ -63,12 +63,18 @@ int bl_forward_sample(bl_model *m, int token, int pos, float temperature, float 
 /* the int8 dot-product path compiled in: "portable", "avx2", "vnni", "vnni_emul", "neon" or
  * "sdot" (see simd.h) */
 const char *bl_simd(void);
+/* seconds per empty OpenMP parallel region of `threads` threads, mean of `reps` (0 without
+ * OpenMP): what each parallel region of a forward pass costs before any work is split */
+double bl_fork_join_seconds(int threads, int reps);
 
-/* generation: `steps` positions in all (prompt included, clamped to seq_len); calls
- * cb(token, user) for each new token; stops at BOS/EOS or when cb returns nonzero */
+/* generation (context.c): `steps` positions in all, prompt included; calls cb(token, user)
+ * for each new token; stops at BOS/EOS or when cb returns nonzero. Past seq_len the context
+ * shifts keeping n_keep tokens (see bl_context below); n_keep 0 is run.c's behaviour: steps
+ * clamped to seq_len, and a prompt longer than the context an error. */
 typedef int (*bl_token_cb)(int token, void *user);
 int bl_generate(bl_model *m, const int *prompt, int n_prompt, int steps, float temperature,
-                float topp, uint64_t seed, bl_token_cb cb, void *user, int *n_generated);
+                float topp, uint64_t seed, int n_keep, bl_token_cb cb, void *user,
+                int *n_generated);
 
 /* a context: which token sits at each cached position, and the shift when the cache is full
  * (context.c): feeding tokens past seq_len keeps the first n_keep, drops the oldest half of the
@@ -81,6 +87,12 @@ void bl_context_close(bl_context *ctx);
 const char *bl_context_error(const bl_context *ctx);
 /* logits[vocab_size] of the last of the n tokens fed after those already in the context */
 int bl_context_feed(bl_context *ctx, const int *tokens, int n, float *logits);
+/* generation in one call: feed feed[0..n_feed) (a prompt, or the last token a previous call
+ * returned), then sample and feed in turn, run.c's sampler with *rng_state; writes at most
+ * max_new tokens to out and their count to *n_out. Fewer than max_new: a BOS or EOS was
+ * sampled (not written), the story is over. The last token written is not fed yet. */
+int bl_context_generate(bl_context *ctx, const int *feed, int n_feed, int max_new,
+                        float temperature, float topp, uint64_t *rng_state, int *out, int *n_out);
 int bl_context_len(const bl_context *ctx);
 int bl_context_shifts(const bl_context *ctx);
 const int *bl_context_tokens(const bl_context *ctx);   /* bl_context_len of them */

@@ -17,6 +17,9 @@
 #include <stddef.h>
 #include <stdio.h>
 #include <stdint.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 /* below this many multiply-adds a matmul runs on one thread: forking costs more than it saves */
 #define BL_PARALLEL_MIN (1 << 16)
@@ -240,6 +243,103 @@ static void row_q80(float *out, int ldo, const bl_qtensor *x, const int8_t *wq, 
         out[(size_t)t * ldo] = qdot(x->q + (size_t)t * n, x->s + (size_t)t * ngroups, wq, ws, ngroups, gs);
 }
 
+#if defined(BL_QDOT8)
+/* acc + the 32 products w * x summed in fours, with uw = |w| computed once per weight vector
+ * and shared by every token of a tile (the sign trick of simd.h: only x takes w's sign) */
+static inline __m256i dot32_abs(__m256i acc, __m256i uw, __m256i w, __m256i x) {
+    __m256i sx = _mm256_sign_epi8(x, w);
+#if BL_SIMD_PATH == BL_PATH_vnni && defined(__AVXVNNI__)
+    return _mm256_dpbusd_avx_epi32(acc, uw, sx);
+#elif BL_SIMD_PATH == BL_PATH_vnni
+    return _mm256_dpbusd_epi32(acc, uw, sx);
+#else
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(uw, sx), _mm256_set1_epi16(1)));
+#endif
+}
+
+/* out[t * ldo + r] = row r of w . token t of x for 2 rows and nt <= 3 tokens, each pair's
+ * float sum exactly as qdot computes it: eight groups' exact int32 sums at a time, scaled by
+ * (ival * ws) * xs, then added one by one in group order. A 32-byte step loads 2 weight and
+ * nt activation vectors for 2 * nt products (qdot loads 2 for 1), and |w| serves all nt tokens. */
+static inline __attribute__((always_inline)) void tile_q80(float *out, int ldo, const bl_qtensor *x,
+                                                           const int8_t *w, const float *ws, int nt,
+                                                           int n, int gs) {
+    int ngroups = n / gs, g = 0;
+    float val[2][3] = {{0}};
+    for (; g + 8 <= ngroups; g += 8) {
+        __m256i sums[2][3][8];
+        for (int k = 0; k < 8; k++) {
+            __m256i acc[2][3];
+            for (int r = 0; r < 2; r++)
+                for (int t = 0; t < nt; t++) acc[r][t] = _mm256_setzero_si256();
+            size_t off = (size_t)(g + k) * gs;
+            for (int j = 0; j < gs; j += 32) {
+                __m256i w0 = _mm256_loadu_si256((const __m256i *)(w + off + j));
+                __m256i w1 = _mm256_loadu_si256((const __m256i *)(w + (size_t)n + off + j));
+                __m256i u0 = _mm256_sign_epi8(w0, w0), u1 = _mm256_sign_epi8(w1, w1);
+                for (int t = 0; t < nt; t++) {
+                    __m256i xv = _mm256_loadu_si256((const __m256i *)(x->q + (size_t)t * n + off + j));
+                    acc[0][t] = dot32_abs(acc[0][t], u0, w0, xv);
+                    acc[1][t] = dot32_abs(acc[1][t], u1, w1, xv);
+                }
+            }
+            for (int r = 0; r < 2; r++)
+                for (int t = 0; t < nt; t++) sums[r][t][k] = acc[r][t];
+        }
+        for (int r = 0; r < 2; r++) {
+            __m256 wsv = _mm256_loadu_ps(ws + (size_t)r * ngroups + g);
+            for (int t = 0; t < nt; t++) {
+                __m256 xsv = _mm256_loadu_ps(x->s + (size_t)t * ngroups + g);
+                __m256 terms = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(hsum8_epi32(sums[r][t])), wsv), xsv);
+                float f[8];
+                _mm256_storeu_ps(f, terms);
+                for (int k = 0; k < 8; k++) val[r][t] += f[k];
+            }
+        }
+    }
+    for (int r = 0; r < 2; r++)   /* the last groups, one by one as qdot ends */
+        for (int t = 0; t < nt; t++) {
+            const int8_t *wr = w + (size_t)r * n, *xt = x->q + (size_t)t * n;
+            const float *wsr = ws + (size_t)r * ngroups, *xst = x->s + (size_t)t * ngroups;
+            float v = val[r][t];
+            for (int h = g; h < ngroups; h++)
+                v += ((float)idot(xt + (size_t)h * gs, wr + (size_t)h * gs, gs) * wsr[h]) * xst[h];
+            out[(size_t)t * ldo + r] = v;
+        }
+}
+#endif
+
+/* rows [r0, r1) of one Q8_0 product for T tokens */
+static void panel_q80(const bl_matvec *j, const bl_qtensor *x, int T, int n, int gs, int r0, int r1) {
+    int ngroups = n / gs;
+    const bl_qtensor *w = &j->w->q;
+#if defined(BL_QDOT8)
+    if (gs % 32 == 0) {
+        for (int t = 0; t < T; t += 3) {
+            int nt = T - t < 3 ? T - t : 3;
+            bl_qtensor xt = {x->q + (size_t)t * n, x->s + (size_t)t * ngroups};
+            float *ot = j->out + (size_t)t * j->d;
+            int r = r0;
+            for (; r + 2 <= r1; r += 2) {
+                const int8_t *wq = w->q + (size_t)r * n;
+                const float *ws = w->s + (size_t)r * ngroups;
+                if (nt == 3) tile_q80(ot + r, j->d, &xt, wq, ws, 3, n, gs);   /* constant nt: unrolled */
+                else if (nt == 2) tile_q80(ot + r, j->d, &xt, wq, ws, 2, n, gs);
+                else tile_q80(ot + r, j->d, &xt, wq, ws, 1, n, gs);
+            }
+            if (r < r1) row_q80(ot + r, j->d, &xt, w->q + (size_t)r * n, w->s + (size_t)r * ngroups, nt, n, gs);
+        }
+        return;
+    }
+#endif
+    for (int t = 0; t < T; t += 4) {
+        int nt = T - t < 4 ? T - t : 4;
+        bl_qtensor xt = {x->q + (size_t)t * n, x->s + (size_t)t * ngroups};
+        for (int r = r0; r < r1; r++)
+            row_q80(j->out + (size_t)t * j->d + r, j->d, &xt, w->q + (size_t)r * n, w->s + (size_t)r * ngroups, nt, n, gs);
+    }
+}
+
 void bl_matmats_q80(const bl_matvec *jobs, int njobs, const bl_qtensor *x, int T, int n, int gs,
                     int threads) {
     int ngroups = n / gs, rows = panel_rows(n, 1);
@@ -247,24 +347,36 @@ void bl_matmats_q80(const bl_matvec *jobs, int njobs, const bl_qtensor *x, int T
     (void)threads, (void)work;
 #pragma omp parallel num_threads(threads) if (work >= BL_PARALLEL_MIN)
     for (int k = 0; k < njobs; k++) {
-        const bl_matvec *j = &jobs[k];
-        int npanels = (j->d + rows - 1) / rows, p;
+        int npanels = (jobs[k].d + rows - 1) / rows, p;
 #pragma omp for schedule(static) nowait
         for (p = 0; p < npanels; p++) {
-            int r1 = (p + 1) * rows < j->d ? (p + 1) * rows : j->d;
-            for (int t = 0; t < T; t += 4) {
-                int nt = T - t < 4 ? T - t : 4;
-                bl_qtensor xt = {x->q + (size_t)t * n, x->s + (size_t)t * ngroups};
-                for (int r = p * rows; r < r1; r++)
-                    row_q80(j->out + (size_t)t * j->d + r, j->d, &xt, j->w->q.q + (size_t)r * n,
-                            j->w->q.s + (size_t)r * ngroups, nt, n, gs);
-            }
+            int r1 = (p + 1) * rows < jobs[k].d ? (p + 1) * rows : jobs[k].d;
+            panel_q80(&jobs[k], x, T, n, gs, p * rows, r1);
         }
     }
 }
 
 /* the path compiled in, for bl_simd() (babyllama.h) */
 const char *bl_simd(void) { return bl_simd_name(); }
+
+/* seconds per empty parallel region of `threads` threads (its fork and join), the mean over
+ * `reps`; 0 without OpenMP. For the benchmark's account of where a small model's time goes. */
+double bl_fork_join_seconds(int threads, int reps) {
+#ifdef _OPENMP
+    volatile int sink = 0;
+    reps = reps > 0 ? reps : 1;
+    double t0 = omp_get_wtime();
+    for (int r = 0; r < reps; r++) {
+#pragma omp parallel num_threads(threads)
+        if (omp_get_thread_num() < 0) sink = 1;   /* never true: only the region's cost */
+    }
+    (void)sink;
+    return (omp_get_wtime() - t0) / reps;
+#else
+    (void)threads, (void)reps;
+    return 0.0;
+#endif
+}
 
 void bl_quantize(int8_t *q, float *s, const float *x, int n, int gs) {
     for (int g = 0; g < n / gs; g++) {

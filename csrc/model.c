@@ -427,21 +427,22 @@ static void softmax_probs(bl_model *m, const float *logits, float temperature, f
 }
 
 /* out[k] (d[k],) = W[k] (d[k], n) @ x (n,) for k < count: fp32, or quantize x then Q8_0 */
-static void matmuls(bl_model *m, const float *x, int n, int count, float *const out[],
-                    const bl_mat *const w[], const int d[]) {
+static void matmuls(bl_model *m, int threads, const float *x, int n, int count,
+                    float *const out[], const bl_mat *const w[], const int d[]) {
     bl_matvec jobs[3];
     for (int k = 0; k < count; k++) jobs[k] = (bl_matvec){out[k], w[k], d[k]};
     if (w[0]->f) {
-        bl_matmuls_f32(jobs, count, x, n, m->threads);
+        bl_matmuls_f32(jobs, count, x, n, threads);
     } else {
         bl_quantize(m->xq_q, m->xq_s, x, n, m->c.group_size);
         bl_qtensor xq = {m->xq_q, m->xq_s};
-        bl_matmuls_q80(jobs, count, &xq, n, m->c.group_size, m->threads);
+        bl_matmuls_q80(jobs, count, &xq, n, m->c.group_size, threads);
     }
 }
 
-static void matmul(bl_model *m, float *xout, const float *x, const bl_mat *w, int n, int d) {
-    matmuls(m, x, n, 1, (float *const[]){xout}, (const bl_mat *const[]){w}, (const int[]){d});
+static void matmul(bl_model *m, int threads, float *xout, const float *x, const bl_mat *w, int n,
+                   int d) {
+    matmuls(m, threads, x, n, 1, (float *const[]){xout}, (const bl_mat *const[]){w}, (const int[]){d});
 }
 
 int bl_forward(bl_model *m, int token, int pos, float *out) {
@@ -453,6 +454,7 @@ int bl_forward(bl_model *m, int token, int pos, float *out) {
         return bl_fail(m->err, sizeof m->err, BL_ERR_ARG, "position %d outside the context [0, %d)", pos, c->seq_len);
     int dim = c->dim, hidden_dim = c->hidden_dim, head_size = dim / c->n_heads;
     int kv_dim = c->n_kv_heads * head_size, kv_mul = c->n_heads / c->n_kv_heads;
+    int threads = work_threads(m, 1);
     float *x = m->x;
     memcpy(x, m->tok_embeddings + (size_t)token * dim, dim * sizeof(float));
 
@@ -461,7 +463,7 @@ int bl_forward(bl_model *m, int token, int pos, float *out) {
         float *k = m->k, *v = m->v;
 
         rmsnorm(m->xb, x, w->attention_norm, dim);
-        matmuls(m, m->xb, dim, 3, (float *const[]){m->q, k, v},
+        matmuls(m, threads, m->xb, dim, 3, (float *const[]){m->q, k, v},
                 (const bl_mat *const[]){&w->wq, &w->wk, &w->wv}, (const int[]){dim, kv_dim, kv_dim});
 
         /* RoPE on q and k at pos */
@@ -482,26 +484,26 @@ int bl_forward(bl_model *m, int token, int pos, float *out) {
 
         /* attention: each query head h reads KV head h / kv_mul at positions 0..pos */
         int h;
-#pragma omp parallel for private(h) num_threads(m->threads) if ((long)(pos + 1) * dim >= 1 << 13)
+#pragma omp parallel for private(h) num_threads(threads) if ((long)(pos + 1) * dim >= 1 << 13)
         for (h = 0; h < c->n_heads; h++) {
             const float *q = m->q + h * head_size;
             const float *kh = kcache + (h / kv_mul) * hstride, *vh = vcache + (h / kv_mul) * hstride;
             double *att = m->att + (size_t)h * c->seq_len;
             attend(m->xb + h * head_size, q, kh, vh, pos, head_size, att, m->acc + h * head_size);
         }
-        matmul(m, m->xb2, m->xb, &w->wo, dim, dim);
+        matmul(m, threads, m->xb2, m->xb, &w->wo, dim, dim);
         for (int i = 0; i < dim; i++) x[i] += m->xb2[i];
 
         /* SwiGLU feed-forward: w2(silu(w1 x) * w3 x) */
         rmsnorm(m->xb, x, w->ffn_norm, dim);
-        matmuls(m, m->xb, dim, 2, (float *const[]){m->hb, m->hb2},
+        matmuls(m, threads, m->xb, dim, 2, (float *const[]){m->hb, m->hb2},
                 (const bl_mat *const[]){&w->w1, &w->w3}, (const int[]){hidden_dim, hidden_dim});
         silu_mul(m->hb, m->hb2, hidden_dim);
-        matmul(m, m->xb, m->hb, &w->w2, hidden_dim, dim);
+        matmul(m, threads, m->xb, m->hb, &w->w2, hidden_dim, dim);
         for (int i = 0; i < dim; i++) x[i] += m->xb[i];
     }
     rmsnorm(x, x, m->norm, dim);
-    matmul(m, out ? out : m->logits, x, &m->output, dim, c->vocab_size);
+    matmul(m, threads, out ? out : m->logits, x, &m->output, dim, c->vocab_size);
     return BL_OK;
 }
 
@@ -593,40 +595,4 @@ int bl_forward_sample(bl_model *m, int token, int pos, float temperature, float 
                       uint64_t *rng_state, int *next) {
     int rc = bl_forward(m, token, pos, m->logits);
     return rc != BL_OK ? rc : bl_sample(m, m->logits, temperature, topp, rng_state, next);
-}
-
-/* ---------------------------------------------------------------------------------------- */
-/* generation, as run.c's loop (and our NumPy engine's generate) */
-
-int bl_generate(bl_model *m, const int *prompt, int n_prompt, int steps, float temperature,
-                float topp, uint64_t seed, bl_token_cb cb, void *user, int *n_generated) {
-    if (!m || !prompt) return BL_ERR_ARG;
-    const Config *c = &m->c;
-    int count = 0, rc, next;
-    if (n_generated) *n_generated = 0;
-    if (n_prompt < 1) return bl_fail(m->err, sizeof m->err, BL_ERR_ARG, "the prompt needs at least one token (BOS = 1)");
-    if (n_prompt > c->seq_len)
-        return bl_fail(m->err, sizeof m->err, BL_ERR_ARG, "prompt of %d tokens is longer than the context (%d)", n_prompt, c->seq_len);
-    if (seed == 0) return bl_fail(m->err, sizeof m->err, BL_ERR_ARG, "seed must be nonzero (xorshift would repeat 0 forever)");
-    if (!(temperature >= 0.0f)) return bl_fail(m->err, sizeof m->err, BL_ERR_ARG, "temperature must be >= 0, got %g", temperature);
-    if (!(topp > 0.0f && topp <= 1.0f)) return bl_fail(m->err, sizeof m->err, BL_ERR_ARG, "topp must be in (0, 1], got %g", topp);
-    if (steps > c->seq_len) steps = c->seq_len;
-    uint64_t rng = seed;
-    bl_reset(m);
-    if (steps <= n_prompt - 1) return BL_OK;
-    if ((rc = bl_prefill(m, prompt, n_prompt, 0, m->logits)) != BL_OK) return rc;
-    for (int pos = n_prompt;; pos++) {
-        if ((rc = bl_sample(m, m->logits, temperature, topp, &rng, &next)) != BL_OK) {
-            char msg[sizeof m->err];
-            memcpy(msg, m->err, sizeof msg);
-            return rc == BL_ERR_NONFINITE ? bl_fail(m->err, sizeof m->err, rc, "the logits at position %d: %s", pos - 1, msg) : rc;
-        }
-        if (next == 1 || next == 2) break;   /* BOS or EOS: the story is over */
-        count++;
-        if (n_generated) *n_generated = count;
-        if (cb && cb(next, user)) return bl_fail(m->err, sizeof m->err, BL_ERR_STOPPED, "stopped by the callback");
-        if (pos >= steps) break;
-        if ((rc = bl_forward(m, next, pos, m->logits)) != BL_OK) return rc;
-    }
-    return BL_OK;
 }

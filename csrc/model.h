@@ -50,6 +50,23 @@ struct bl_model {
     char err[512];
 };
 
+/* The threads for T tokens through the model: a small model's tokens run on one thread.
+ * Each parallel region costs a fork and a join, microseconds on an idle machine but up to a
+ * scheduler time slice when the other cores are busy (bench/bench_engines.py measures it);
+ * the book's model (dim 128, 4 layers, vocab 512: ~0.8M multiply-adds a token, ~0.1 ms on one
+ * core) would pay that about nine times a token (the FFN and attention of each layer, and the
+ * classifier) to split work that the wait alone exceeds. From stories15M's shape up (~15M a
+ * token), or a prompt of several small tokens, the split pays, and each product still decides
+ * by its own size (kernels.c). */
+#define BL_WORK_PARALLEL_MIN (1L << 22)
+static inline int work_threads(const bl_model *m, int T) {
+    const Config *c = &m->c;
+    long kv_dim = (long)c->n_kv_heads * (c->dim / c->n_heads);
+    long layer = (long)c->dim * (2L * c->dim + 2 * kv_dim) + 3L * c->dim * c->hidden_dim;
+    long work = c->n_layers * layer + (long)c->vocab_size * c->dim;
+    return (double)T * work >= BL_WORK_PARALLEL_MIN ? m->threads : 1;
+}
+
 /* ---------------------------------------------------------------------------------------- */
 /* the small ops of the forward pass */
 

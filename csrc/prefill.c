@@ -63,15 +63,16 @@ static int scratch_alloc(bl_model *m, Scratch *s, int B) {
 static void matmats(bl_model *m, Scratch *s, const float *x, int T, int n, int count,
                     float *const out[], const bl_mat *const w[], const int d[]) {
     bl_matvec jobs[3];
+    int threads = work_threads(m, T);
     for (int k = 0; k < count; k++) jobs[k] = (bl_matvec){out[k], w[k], d[k]};
     if (w[0]->f) {
-        bl_matmats_f32(jobs, count, x, T, n, m->threads);
+        bl_matmats_f32(jobs, count, x, T, n, threads);
     } else {
         int gs = m->c.group_size;
         for (int t = 0; t < T; t++)
             bl_quantize(s->xq + (size_t)t * n, s->xs + (size_t)t * (n / gs), x + (size_t)t * n, n, gs);
         bl_qtensor xq = {s->xq, s->xs};
-        bl_matmats_q80(jobs, count, &xq, T, n, gs, m->threads);
+        bl_matmats_q80(jobs, count, &xq, T, n, gs, threads);
     }
 }
 
@@ -85,9 +86,9 @@ static void attention_block(bl_model *m, Scratch *s, int l, const float *q, floa
     const float *kcache = m->key_cache + (size_t)l * c->n_kv_heads * hstride;
     const float *vcache = m->value_cache + (size_t)l * c->n_kv_heads * hstride;
     long work = (long)T * (pos + T) * c->dim;
-    int items = T * c->n_heads, it;
-    (void)work;
-#pragma omp parallel for schedule(static, 1) num_threads(m->threads) if (work >= 1 << 13)
+    int items = T * c->n_heads, it, threads = work_threads(m, T);
+    (void)work, (void)threads;
+#pragma omp parallel for schedule(static, 1) num_threads(threads) if (work >= 1 << 13)
     for (it = 0; it < items; it++) {
         int t = it / c->n_heads, h = it % c->n_heads, me = 0;
 #ifdef _OPENMP

@@ -11,7 +11,10 @@
  * Past the context the cache shifts (context.c); -k 0 turns that off, and a turn that does not
  * fit is then an error. Unlike run.c, no (discarded) token is sampled after each prompt token,
  * so the random stream is spent on reply tokens only, as in the Python chat. Setting
- * BABYLLAMA_DUMP_IDS=FILE writes the ids fed to the model, one line per feed.
+ * BABYLLAMA_DUMP_IDS=FILE writes the ids fed to the model, one line per feed (in generate
+ * mode: the prompt's ids on the first line, then each new id on its own line).
+ *
+ * Generate mode shifts the context too (-k, default 1), so -n may exceed the context.
  *
  * Only this file prints or exits; the library reports errors with codes and messages.
  */
@@ -27,6 +30,7 @@ typedef struct {
     bl_tokenizer *tok;
     int prev;
     double t_first;   /* when the first new token came: the prompt's time ends there */
+    FILE *dump;       /* BABYLLAMA_DUMP_IDS: each new id on a line, or NULL */
 } Printer;
 
 static double now_s(void);
@@ -43,6 +47,7 @@ static int print_token(int token, void *user) {
     }
     fflush(stdout);
     p->prev = token;
+    if (p->dump) fprintf(p->dump, "%d\n", token);
     return 0;
 }
 
@@ -54,7 +59,8 @@ static void usage(void) {
             "  -t <float>  temperature in [0,inf], default 1.0\n"
             "  -p <float>  p value in top-p (nucleus) sampling in (0,1], default 0.9\n"
             "  -s <int>    random seed, default time(NULL)\n"
-            "  -n <int>    number of steps to run for, default 256. 0 = max_seq_len\n"
+            "  -n <int>    number of steps to run for, default 256. 0 = max_seq_len;\n"
+            "              past max_seq_len the context shifts (see -k)\n"
             "  -i <string> input prompt\n"
             "  -z <string> optional path to custom tokenizer\n"
             "  -m <string> mode: generate|chat, default: generate\n"
@@ -248,7 +254,8 @@ int main(int argc, char **argv) {
     int32_t cfg[BL_CONFIG_LEN];
     bl_model_config(m, cfg);
     if (is_chat && !steps_set) steps = 0;   /* a conversation runs until stdin ends */
-    if ((!is_chat || n_keep == 0) && (steps <= 0 || steps > cfg[6])) steps = cfg[6];
+    /* -n 0 is the whole context; past it the context shifts, except with -k 0 (run.c's clamp) */
+    if ((!is_chat && steps <= 0) || (n_keep == 0 && (steps <= 0 || steps > cfg[6]))) steps = cfg[6];
     bl_tokenizer *tok;
     if (bl_tokenizer_open(tokenizer_path, cfg[5], &tok, err, sizeof err) != BL_OK) {
         fprintf(stderr, "error: %s\n", err);
@@ -269,11 +276,20 @@ int main(int argc, char **argv) {
     if (rc != BL_OK) {
         fprintf(stderr, "error: %s\n", ids ? bl_tokenizer_error(tok) : "out of memory");
     } else {
-        Printer pr = {tok, 1, -1.0};
+        const char *dump_path = getenv("BABYLLAMA_DUMP_IDS");
+        Printer pr = {tok, 1, -1.0, NULL};
         for (int i = 1; i < n_prompt; i++) print_token(ids[i], &pr);
+        if (dump_path && dump_path[0] && !(pr.dump = fopen(dump_path, "w"))) {
+            fprintf(stderr, "error: cannot write BABYLLAMA_DUMP_IDS=%s\n", dump_path);
+            rc = BL_ERR_IO;
+            goto end;
+        }
+        for (int i = 0; pr.dump && i < n_prompt; i++) fprintf(pr.dump, i ? " %d" : "%d", ids[i]);
+        if (pr.dump) fprintf(pr.dump, "\n");
         pr.t_first = 0.0;
         double t0 = now_s();
-        rc = bl_generate(m, ids, n_prompt, steps, temperature, topp, seed, print_token, &pr, &n_gen);
+        rc = bl_generate(m, ids, n_prompt, steps, temperature, topp, seed, n_keep, print_token, &pr, &n_gen);
+        if (pr.dump) fclose(pr.dump);
         double dt = now_s() - t0;
         printf("\n");
         if (rc != BL_OK) fprintf(stderr, "error: %s\n", bl_model_error(m));
@@ -285,6 +301,7 @@ int main(int argc, char **argv) {
             fprintf(stderr, "achieved tok/s: %f\n", (n_gen + n_prompt - 1) / dt);
         }
     }
+end:
     free(ids);
     bl_tokenizer_close(tok);
     bl_model_close(m);

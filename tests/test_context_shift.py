@@ -7,18 +7,24 @@ the kept tokens, and the engines must agree with each other through several shif
 from __future__ import annotations
 
 import dataclasses
+import os
+import shutil
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from helpers import scaled_model
 
+from babyllama import fast_c
 from babyllama.context import Context, kept_after_shift
 from babyllama.export import write_model
 from babyllama.fast_c import CLlama
 from babyllama.inference_numpy import NumpyLlama
 from babyllama.model import PRESETS
 
+CSRC = Path(fast_c.__file__).resolve().parents[2] / "csrc"
 SEQ = 40   # a short context: 3 x SEQ tokens cross several shifts in well under a second
 
 
@@ -166,3 +172,109 @@ def test_torch_generate_bad_arguments(files):
     with pytest.raises(ValueError, match="n_keep"):
         model.generate([1, 2], 5, n_keep=0)
     assert torch.is_grad_enabled()
+
+
+# ----------------------------------------------------------------------------------------------
+# the C CLI's generate mode (./csrc/run -n past the context, -k kept tokens, -k 0 = clamp)
+
+def _cc() -> str:
+    return os.environ.get("CC") or shutil.which("cc") or "gcc"
+
+
+@pytest.fixture(scope="module")
+def run_exe():
+    subprocess.run(["make", "-s", "-C", str(CSRC), "run", f"CC={_cc()}"], check=True,
+                   capture_output=True)
+    return CSRC / "run"
+
+
+def _cli_ids(exe, model, tok, dump, *flags, env=None) -> tuple[list[int], list[int], str]:
+    """(prompt ids, generated ids, stderr) of one generate run, from BABYLLAMA_DUMP_IDS."""
+    env = {**os.environ, **(env or {}), "BABYLLAMA_DUMP_IDS": str(dump)}
+    r = subprocess.run([str(exe), str(model), "-z", str(tok), "-i", "Once upon a time", *flags],
+                       capture_output=True, text=True, errors="replace", env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    first, *rest = dump.read_text().splitlines()
+    return [int(t) for t in first.split()], [int(t) for t in rest], r.stderr
+
+
+@pytest.mark.parametrize("version,temperature,seed,n_keep", [
+    (0, 0.0, 1, 1), (0, 1.0, 5, 1), (0, 0.9, 4, 4), (2, 0.0, 1, 1), (2, 1.0, 3, 2)])
+def test_cli_generates_past_the_context_as_numpy(files, run_exe, data_dir, tmp_path, version,
+                                                 temperature, seed, n_keep):
+    path, crossed = files[1][version], False
+    # a sampled story may end at EOS early: further seeds until one runs over 3 contexts
+    for s in range(seed, seed + 8):
+        prompt, ids, _ = _cli_ids(run_exe, path, data_dir / "tok512.bin", tmp_path / "ids",
+                                  "-n", str(3 * SEQ), "-t", str(temperature), "-p", "0.9",
+                                  "-s", str(s), "-k", str(n_keep))
+        ref = list(NumpyLlama.load(path).generate(prompt, 3 * SEQ, temperature, 0.9, s,
+                                                  n_keep=n_keep))
+        assert ids == ref
+        if len(ref) == 3 * SEQ - len(prompt) + 1:
+            crossed = True
+            break
+    assert crossed, "no run crossed several shifts"
+    assert ids == list(CLlama.load(path, threads=2).generate(prompt, 3 * SEQ, temperature, 0.9,
+                                                             s, n_keep=n_keep))
+
+
+def test_cli_k0_clamps_at_the_context_as_run_c(files, run_exe, data_dir, tmp_path):
+    path = files[1][0]
+    prompt, ids, _ = _cli_ids(run_exe, path, data_dir / "tok512.bin", tmp_path / "ids",
+                              "-n", str(3 * SEQ), "-t", "0", "-k", "0")
+    ref = list(NumpyLlama.load(path).generate(prompt, 3 * SEQ, 0.0, context_shift=False))
+    assert ids == ref and len(ids) == SEQ - len(prompt) + 1
+    long = " ".join(["Once upon a time"] * 20)   # longer than the context
+    r = subprocess.run([str(run_exe), str(path), "-z", str(data_dir / "tok512.bin"), "-i", long,
+                        "-k", "0", "-t", "0"], capture_output=True, text=True, errors="replace")
+    assert r.returncode == 1 and "longer than the context (40)" in r.stderr
+    # with the shift on, the long prompt keeps BOS and its newest tokens, as in Python
+    r = subprocess.run([str(run_exe), str(path), "-z", str(data_dir / "tok512.bin"), "-i", long,
+                        "-t", "0", "-n", str(3 * SEQ)], capture_output=True, text=True,
+                       errors="replace")
+    assert r.returncode == 0, r.stderr
+
+
+def test_cli_context_shift_sanitizers_clean(files, data_dir, tmp_path):
+    """ASan + UBSan build of the CLI generating over 3 contexts: clean, and the same ids."""
+    if subprocess.run([_cc(), "-fsanitize=address,undefined", "-x", "c", "-", "-o",
+                       str(tmp_path / "probe")], input="int main(void){return 0;}",
+                      text=True, capture_output=True).returncode != 0:
+        pytest.skip("this compiler has no AddressSanitizer/UBSan runtime")
+    exe = tmp_path / "run-asan"
+    srcs = [str(CSRC / f) for f in ("run.c", *fast_c.LIB_SOURCES)]
+    subprocess.run([_cc(), "-std=c11", "-O1", "-g", "-fsanitize=address,undefined",
+                    "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", *srcs, "-o",
+                    str(exe), "-lm"], check=True)
+    env = {"ASAN_OPTIONS": "detect_leaks=1", "UBSAN_OPTIONS": "print_stacktrace=1"}
+    for version, n_keep, temperature in ((0, 3, 0.0), (2, 1, 0.0), (2, 2, 1.0)):
+        path = files[1][version]
+        prompt, ids, err = _cli_ids(exe, path, data_dir / "tok512.bin", tmp_path / "ids", "-n",
+                                    str(3 * SEQ), "-t", str(temperature), "-s", "5", "-k",
+                                    str(n_keep), env=env)
+        assert "Sanitizer" not in err and "runtime error" not in err, err
+        ref = list(NumpyLlama.load(path).generate(prompt, 3 * SEQ, temperature, 0.9, 5,
+                                                  n_keep=n_keep))
+        assert ids == ref
+        if temperature == 0.0:   # greedy here never meets EOS: three contexts' worth
+            assert len(ids) == 3 * SEQ - len(prompt) + 1
+
+
+@pytest.mark.parametrize("chunk_seconds", [0.0, 1e9])   # one token a call; doubling chunks
+def test_c_generate_chunks_do_not_change_the_tokens(files, chunk_seconds):
+    """CLlama.generate runs the loop in C a chunk of tokens per call (sized by time): any
+    chunking draws NumPy's tokens, and a generator dropped midway leaves the engine usable."""
+    path, prompt = files[1][2], [1, 300, 270, 11]
+    ref = list(NumpyLlama.load(path).generate(prompt, 3 * SEQ, 1.0, 0.9, 3, n_keep=2))
+    assert len(ref) > SEQ, "the run must cross a shift"
+    e = CLlama.load(path, threads=1)
+    e.CHUNK_SECONDS = chunk_seconds
+    g = e.generate(prompt, 3 * SEQ, 1.0, 0.9, 3, n_keep=2)
+    assert [next(g) for _ in range(5)] == ref[:5]
+    g.close()
+    assert list(e.generate(prompt, 3 * SEQ, 1.0, 0.9, 3, n_keep=2)) == ref
+    with pytest.raises(ValueError, match="n_keep"):
+        list(e.generate(prompt, 5, n_keep=SEQ - 1))
+    with pytest.raises(ValueError, match="token id 512 outside the vocabulary"):
+        list(e.generate([1, 512], 5))

@@ -32,6 +32,9 @@ SHAPES = {
                        max_seq_len=160, hidden_dim=192), 48),
     "tails": (ModelArgs(dim=40, n_layers=2, n_heads=2, n_kv_heads=1, vocab_size=301,
                         max_seq_len=160, hidden_dim=88), 8),
+    # 8 and 9 groups of 32 a row: the int8 prefill tile's eight-group blocks, and its tail
+    "groups8": (ModelArgs(dim=256, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=131,
+                          max_seq_len=160, hidden_dim=288), 32),
 }
 
 
@@ -206,17 +209,18 @@ def simd_paths() -> list[tuple[str, str]]:
 def test_every_simd_path_gives_the_same_int8_results(tmp_path, files):
     """Group sums are exact int32 on every path: int8 logits are equal bit for bit across the
     paths (and to NumPy within the usual tolerance); fp32 ones differ only by summation order."""
-    models = [files["gqa", 2], files["gs48", 2], files["tails", 2], files["gqa", 0]]
+    models = [files["gqa", 2], files["gs48", 2], files["tails", 2], files["groups8", 2],
+              files["gqa", 0]]
     results = {p: run_with_path(tmp_path, p, extra, models) for p, extra in simd_paths()}
     base = results.pop("portable")
     ref = NumpyLlama.load(models[0]).forward_tokens(
         np.random.default_rng(0).integers(3, 300, 70).tolist(), 0)
     assert np.abs(base["prefill0"] - ref).max() <= 1e-3
     for path, res in results.items():
-        for i in range(3):   # the int8 models
+        for i in range(4):   # the int8 models
             for kind in ("prefill", "forward"):
                 assert np.array_equal(res[f"{kind}{i}"], base[f"{kind}{i}"]), (path, kind, i)
-        assert np.abs(res["prefill3"] - base["prefill3"]).max() <= 1e-4, path
+        assert np.abs(res["prefill4"] - base["prefill4"]).max() <= 1e-4, path
 
 
 VNNI_FLAGS = [["-mavxvnni"], ["-mavx512vnni", "-mavx512vl"]]

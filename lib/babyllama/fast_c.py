@@ -22,6 +22,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
@@ -29,7 +30,8 @@ from pathlib import Path
 import numpy as np
 
 from babyllama.config import ModelArgs
-from babyllama.inference_numpy import NonFiniteError, XorShiftRng, check_sampling, generate_loop
+from babyllama.context import check_n_keep
+from babyllama.inference_numpy import NonFiniteError, XorShiftRng, check_sampling, random_seed
 
 CSRC = Path(__file__).resolve().parent.parent.parent / "csrc"
 LIB_SOURCES = ("kernels.c", "model.c", "prefill.c", "tokenizer.c", "context.c")
@@ -150,9 +152,15 @@ def load_library(path: str | None = None) -> C.CDLL:
         "bl_forward_batch": ([vp, _i32p, i, i, _f32p], i),
         "bl_forward_sample": ([vp, i, i, f, f, C.POINTER(C.c_uint64), C.POINTER(i)], i),
         "bl_simd": ([], ep),
+        "bl_fork_join_seconds": ([i, i], C.c_double),
         "bl_sample": ([vp, _f32p, f, f, C.POINTER(C.c_uint64), C.POINTER(i)], i),
         "bl_random_u32": ([C.POINTER(C.c_uint64)], C.c_uint32),
-        "bl_generate": ([vp, _i32p, i, i, f, f, C.c_uint64, TOKEN_CB, vp, C.POINTER(i)], i),
+        "bl_generate": ([vp, _i32p, i, i, f, f, C.c_uint64, i, TOKEN_CB, vp, C.POINTER(i)], i),
+        "bl_context_open": ([vp, i, i, C.POINTER(vp), ep, C.c_size_t], i),
+        "bl_context_close": ([vp], None),
+        "bl_context_error": ([vp], ep),
+        "bl_context_generate": ([vp, _i32p, i, i, f, f, C.POINTER(C.c_uint64), _i32p,
+                                 C.POINTER(i)], i),
         "bl_tokenizer_open": ([ep, i, C.POINTER(vp), ep, C.c_size_t], i),
         "bl_tokenizer_close": ([vp], None),
         "bl_tokenizer_error": ([vp], ep),
@@ -270,21 +278,70 @@ class CLlama:
     def generate(self, prompt_ids: list[int], steps: int, temperature: float = 1.0,
                  topp: float = 0.9, seed: int | None = None, context_shift: bool = True,
                  n_keep: int = 1) -> Iterator[int]:
-        """Streams tokens: the C forward pass and C sampler, step by step (run.c's loop), with
-        NumPy's context shift past max_seq_len (babyllama.context)."""
-        yield from generate_loop(self, prompt_ids, steps, temperature, topp, seed,
-                                 context_shift, n_keep)
+        """Streams tokens exactly as NumpyLlama.generate (the shared generate_loop: same
+        sampler, same seed stream, same context shift past max_seq_len), but the loop runs in C
+        (bl_context_generate): one call yields a chunk of tokens, sized to take about
+        CHUNK_SECONDS, instead of two calls and a Python sampler step per token."""
+        check_sampling(temperature, topp)
+        seq_len = self.args.max_seq_len
+        check_n_keep(n_keep, seq_len)
+        if len(prompt_ids) == 0:
+            raise ValueError("the prompt needs at least one token (BOS = 1)")
+        if not context_shift:
+            if len(prompt_ids) > seq_len:
+                raise ValueError(f"prompt of {len(prompt_ids)} tokens is longer than the "
+                                 f"context ({seq_len}) and the context shift is off")
+            steps = min(steps, seq_len)
+        rng = XorShiftRng(seed if seed is not None else random_seed())
+        self.reset()
+        if steps <= len(prompt_ids) - 1:
+            return
+        ctx, err = C.c_void_p(), C.create_string_buffer(1024)
+        if self._lib.bl_context_open(self._h, n_keep, int(context_shift), C.byref(ctx), err,
+                                     len(err)) != 0:
+            raise ValueError(err.value.decode(errors="replace"))
+        try:
+            yield from self._generate_chunks(ctx, self._ids(prompt_ids),
+                                             steps - len(prompt_ids) + 1, temperature, topp, rng)
+        finally:
+            self._lib.bl_context_close(ctx)
+
+    CHUNK_SECONDS = 0.02   # streaming latency vs calls: ~0.5 ms per token needs 40 per call
+
+    def _generate_chunks(self, ctx: C.c_void_p, feed: np.ndarray, remaining: int,
+                         temperature: float, topp: float, rng: XorShiftRng) -> Iterator[int]:
+        out, n_out, state, chunk = np.empty(1, np.int32), C.c_int(), C.c_uint64(rng.state), 1
+        while remaining > 0:
+            k = min(chunk, remaining)
+            if out.size < k:
+                out = np.empty(k, np.int32)
+            t0 = time.perf_counter()
+            rc = self._lib.bl_context_generate(ctx, feed, feed.size, k, temperature, topp,
+                                               C.byref(state), out, C.byref(n_out))
+            dt = time.perf_counter() - t0
+            rng.state = state.value
+            yield from out[:n_out.value].tolist()   # the tokens before an error come first
+            if rc != 0:
+                msg = self._lib.bl_context_error(ctx).decode(errors="replace")
+                raise {3: ValueError, 6: NonFiniteError}.get(rc, CError)(msg)
+            if n_out.value < k:   # BOS or EOS
+                return
+            remaining -= k
+            feed = out[k - 1:k].copy()
+            chunk = max(1, min(2 * chunk, int(self.CHUNK_SECONDS * k / max(dt, 1e-9))))
 
     def generate_native(self, prompt_ids: list[int], steps: int, temperature: float = 1.0,
-                        topp: float = 0.9, seed: int = 1) -> list[int]:
-        """The whole loop inside C (bl_generate), tokens collected through a callback."""
+                        topp: float = 0.9, seed: int = 1, context_shift: bool = True,
+                        n_keep: int = 1) -> list[int]:
+        """The whole loop inside C (bl_generate, run.c's), tokens collected through a callback."""
         check_sampling(temperature, topp)
         out: list[int] = []
         cb = TOKEN_CB(lambda t, _: out.append(t) or 0)
-        ids = np.asarray(prompt_ids, dtype=np.int32)
+        ids = self._ids(prompt_ids)
         n = C.c_int()
-        self._check(self._lib.bl_generate(self._h, ids, len(ids), steps, temperature, topp,
-                                          seed, cb, None, C.byref(n)))
+        self._check(self._lib.bl_generate(self._h, ids, ids.size, steps, temperature, topp,
+                                          seed, n_keep if context_shift else 0, cb, None,
+                                          C.byref(n)))
         return out
 
 
