@@ -392,7 +392,12 @@ void bl_quantize(int8_t *q, float *s, const float *x, int n, int gs) {
             /* an all-zero group has scale 0: its values are 0, not 0/0; a NaN or infinite
              * scale gives 0 too (converting NaN to int8 is undefined), and the scale carries
              * the NaN or infinity into the product */
-            q[(size_t)g * gs + k] = scale == 0.0f || !isfinite(scale) ? 0 : (int8_t)round(xg[k] / scale);
+            if (scale == 0.0f || !isfinite(scale)) { q[(size_t)g * gs + k] = 0; continue; }
+            /* clipped to [-127, 127]: with a subnormal max|x| the rounded scale can be below
+             * max|x| / 127, and x / scale past 127 would be undefined in int8 (or -128, which
+             * the SIMD dot products' sign trick cannot take) */
+            double r = round(xg[k] / scale);
+            q[(size_t)g * gs + k] = (int8_t)(r > 127.0 ? 127.0 : r < -127.0 ? -127.0 : r);
         }
     }
 }

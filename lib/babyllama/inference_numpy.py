@@ -82,7 +82,8 @@ def quantize_rows(x: np.ndarray, group_size: int) -> tuple[np.ndarray, np.ndarra
     # a NaN or infinite scale quantizes to zeros (as in C); the scale carries it into the product
     with np.errstate(invalid="ignore"):
         v = np.where(np.isfinite(scale)[..., None], g / safe[..., None], 0).astype(np.float64)
-    q = (np.sign(v) * np.floor(np.abs(v) + 0.5)).astype(np.int8)
+    # clipped like C: a subnormal max|x| can round to a scale below max|x|/127 (int8 would wrap)
+    q = np.clip(np.sign(v) * np.floor(np.abs(v) + 0.5), -127, 127).astype(np.int8)
     return q.reshape(x.shape), scale
 
 
