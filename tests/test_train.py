@@ -13,25 +13,12 @@ import time
 import numpy as np
 import pytest
 import torch
+from helpers import checkpoint_weights as _weights
+from helpers import logged_losses as _losses
+from helpers import small_run as _cfg
 
 from babyllama import train as T
 from babyllama.train import TrainConfig, TrainingError, read_log, train
-
-
-def _cfg(data_dir, out, **kw) -> TrainConfig:
-    base = dict(preset="stories260K", out_dir=str(out), data_dir=str(data_dir), max_seq_len=64,
-                batch_size=4, max_iters=20, lr_decay_iters=20, warmup_iters=3, eval_interval=0,
-                eval_iters=2, log_interval=1, progress=False, dropout=0.1)
-    base.update(kw)
-    return TrainConfig(**base)
-
-
-def _losses(out) -> list[float]:
-    return [r["loss"] for r in read_log(out / "log.jsonl") if "loss" in r]
-
-
-def _weights(path):
-    return torch.load(path, weights_only=True)["model"]
 
 
 def test_resume_is_exact(data_dir, tmp_path):
