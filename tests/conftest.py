@@ -51,11 +51,13 @@ def stories_sample(data_dir) -> list[str]:
 
 @pytest.fixture(scope="session")
 def trained(data_dir, tmp_path_factory) -> Path:
-    """A "book" model trained for 150 short steps: it already writes story-like text."""
+    """A "book" model trained for 150 short steps: it already writes story-like text. Its thread
+    count is pinned (train() sets every other torch global it depends on), so the weights, and
+    the stories the parity tests sample from them, do not depend on which tests ran first."""
     from babyllama.train import TrainConfig, train
 
     out = tmp_path_factory.mktemp("trained")
     cfg = TrainConfig(preset="book", out_dir=str(out), data_dir=str(data_dir), max_iters=150,
                       batch_size=8, eval_interval=0, eval_iters=2,
-                      warmup_iters=10, progress=False)
+                      warmup_iters=10, progress=False, threads=2)
     return train(cfg)

@@ -13,25 +13,12 @@ import time
 import numpy as np
 import pytest
 import torch
+from helpers import checkpoint_weights as _weights
+from helpers import logged_losses as _losses
+from helpers import small_run as _cfg
 
 from babyllama import train as T
 from babyllama.train import TrainConfig, TrainingError, read_log, train
-
-
-def _cfg(data_dir, out, **kw) -> TrainConfig:
-    base = dict(preset="stories260K", out_dir=str(out), data_dir=str(data_dir), max_seq_len=64,
-                batch_size=4, max_iters=20, lr_decay_iters=20, warmup_iters=3, eval_interval=0,
-                eval_iters=2, log_interval=1, progress=False, dropout=0.1)
-    base.update(kw)
-    return TrainConfig(**base)
-
-
-def _losses(out) -> list[float]:
-    return [r["loss"] for r in read_log(out / "log.jsonl") if "loss" in r]
-
-
-def _weights(path):
-    return torch.load(path, weights_only=True)["model"]
 
 
 def test_resume_is_exact(data_dir, tmp_path):
@@ -63,6 +50,40 @@ def test_ddp_two_processes_match_one(data_dir, tmp_path):
     assert max(abs(x - y) for x, y in zip(la, lb)) < 1e-4
     wa, wb = _weights(one), _weights(tmp_path / "two" / "ckpt.pt")
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-4
+
+
+def test_training_ignores_and_restores_the_callers_torch_state(data_dir, tmp_path):
+    """The `trained` fixture must not depend on which tests ran before it: a run after the
+    caller changed every process-wide torch setting training depends on (and consumed random
+    numbers) ends bit for bit where a clean run ends, and the caller's settings survive it."""
+    kw = dict(max_iters=2, lr_decay_iters=2, threads=torch.get_num_threads())
+    clean = _weights(train(_cfg(data_dir, tmp_path / "clean", **kw)))
+    saved = (torch.get_num_threads(), torch.get_default_dtype(),
+             torch.get_float32_matmul_precision(), torch.get_rng_state())
+    try:
+        torch.set_num_threads(1 if saved[0] > 1 else 2)
+        torch.set_default_dtype(torch.float64)
+        torch.set_float32_matmul_precision("medium")
+        assert torch.set_flush_denormal(True)   # x86 and arm64 both support it
+        torch.rand(1000)
+        rng = torch.get_rng_state()
+        with torch.no_grad():
+            dirty = _weights(train(_cfg(data_dir, tmp_path / "dirty", **kw)))
+            assert not torch.is_grad_enabled()
+        assert torch.get_num_threads() == (1 if saved[0] > 1 else 2)
+        assert torch.get_default_dtype() == torch.float64
+        assert torch.get_float32_matmul_precision() == "medium"
+        assert T._flushing_denormals()
+        assert torch.equal(torch.get_rng_state(), rng)
+    finally:
+        torch.set_num_threads(saved[0])
+        torch.set_default_dtype(saved[1])
+        torch.set_float32_matmul_precision(saved[2])
+        torch.set_flush_denormal(False)
+        torch.set_rng_state(saved[3])
+    assert _losses(tmp_path / "clean") == _losses(tmp_path / "dirty")
+    assert all(clean[k].dtype == dirty[k].dtype == torch.float32 for k in clean)
+    assert all(torch.equal(clean[k], dirty[k]) for k in clean)
 
 
 def test_gradient_accumulation_matches_a_bigger_batch(data_dir, tmp_path, monkeypatch):

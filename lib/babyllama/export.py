@@ -32,13 +32,13 @@ scales sit beside it as "layers.{l}.wq.scale". This module imports torch only to
 from __future__ import annotations
 
 import os
-import stat
 import struct
 from pathlib import Path
 
 import numpy as np
 
 from babyllama.config import ModelArgs
+from babyllama.files import read_regular_file
 
 MAGIC = 0x616B3432   # "ak42" read as a little-endian uint32
 HEADER_V1 = 256
@@ -259,7 +259,7 @@ def write_model(model, path: str | Path, version: int = 0, group_size: int = 64,
 def read_header(path: str | Path) -> tuple[ModelArgs, int, bool, int, int]:
     """(args, version, shared_classifier, group_size, header_size), checked against the file."""
     path = Path(path)
-    size, head = _read_head(path)
+    size, head = read_regular_file(path, ModelFileError, "model file", n=HEADER_V1)
     if len(head) < 28:
         raise ModelFileError(f"{path}: truncated: {len(head)} bytes, a header needs at least 28")
     (magic,) = struct.unpack_from("I", head, 0)
@@ -305,30 +305,6 @@ def read_header(path: str | Path) -> tuple[ModelArgs, int, bool, int, int]:
                              f"(v{version}, {params}), but the file has {size} bytes"
                              + (" (truncated?)" if size < expected else ""))
     return args, version, bool(shared), group_size, header_size
-
-
-def _read_head(path: Path) -> tuple[int, bytes]:
-    """(file size, its first HEADER_V1 bytes). Opened without blocking (a FIFO would wait for a
-    writer forever), then read only if it is a regular file."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    except OSError as e:
-        raise ModelFileError(f"{path}: cannot read model file ({e.strerror})") from e
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise ModelFileError(f"{path}: not a regular file ({_file_kind(st.st_mode)})")
-        return st.st_size, os.pread(fd, HEADER_V1, 0)
-    except OSError as e:
-        raise ModelFileError(f"{path}: cannot read model file ({e.strerror})") from e
-    finally:
-        os.close(fd)
-
-
-def _file_kind(mode: int) -> str:
-    """What a non-regular file is, in the words the C library uses."""
-    return ("a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode)
-            else "a device or socket")
 
 
 def _nbytes(name: str, a: ModelArgs, version: int, gs: int) -> int:

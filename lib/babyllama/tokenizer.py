@@ -20,13 +20,13 @@ from __future__ import annotations
 import codecs
 import heapq
 import io
-import os
 import re
-import stat
 import struct
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+
+from babyllama.files import read_regular_file
 
 N_SPECIAL = 3          # <unk> <s> </s>
 N_BYTES = 256          # <0x00> .. <0xFF>
@@ -202,32 +202,10 @@ def read_tokenizer_bin(path: str | Path, vocab_size: int | None = None
 
 
 def _read_regular_file(path: Path) -> bytes:
-    """The bytes of a regular file of plausible size. Opened without blocking (a FIFO would
-    wait for a writer forever), then checked before reading (/dev/zero never ends)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    except OSError as e:
-        raise TokenizerError(f"{path}: cannot read tokenizer file ({e.strerror})") from e
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            kind = ("a directory" if stat.S_ISDIR(st.st_mode) else "a FIFO"
-                    if stat.S_ISFIFO(st.st_mode) else "a device or socket")
-            raise TokenizerError(f"{path}: not a regular file ({kind})")
-        if st.st_size < 4:
-            raise TokenizerError(f"{path}: truncated: {st.st_size} bytes, expected at least a "
-                                 f"4-byte header")
-        if st.st_size > MAX_BIN_BYTES:
-            raise TokenizerError(f"{path}: {st.st_size} bytes is too large for a tokenizer.bin "
-                                 f"(at most {MAX_BIN_BYTES})")
-        with os.fdopen(os.dup(fd), "rb") as f:
-            data = f.read(st.st_size)
-    except OSError as e:
-        raise TokenizerError(f"{path}: cannot read tokenizer file ({e.strerror})") from e
-    finally:
-        os.close(fd)
-    if len(data) != st.st_size:
-        raise TokenizerError(f"{path}: read {len(data)} bytes of {st.st_size}: the file shrank")
+    """The bytes of a regular file of plausible size (not a FIFO, not /dev/zero)."""
+    size, data = read_regular_file(path, TokenizerError, "tokenizer file", max_size=MAX_BIN_BYTES)
+    if size < 4:
+        raise TokenizerError(f"{path}: truncated: {size} bytes, expected at least a 4-byte header")
     return data
 
 

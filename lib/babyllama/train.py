@@ -218,7 +218,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     out = Path(cfg.out_dir)
     ckpt_path = out / "ckpt.pt"
     try:
-        with _deterministic(cfg.device):
+        with _own_globals(cfg.device):
             path = _train(cfg, resume, rank, world, master, out, ckpt_path)
         if ddp:
             # No rank leaves before all are done. DDP keeps gloo's worker threads alive past
@@ -234,23 +234,45 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
             dist.destroy_process_group()
 
 
+def _flushing_denormals() -> bool:
+    """Whether this thread flushes subnormal floats to zero (torch has a setter, no getter)."""
+    return torch.tensor([1e-39], dtype=torch.float32).mul(1.0).item() == 0.0   # subnormal
+
+
 @contextlib.contextmanager
-def _deterministic(device: str):
-    """On CPU, deterministic kernels only (oneDNN's too): a run and its resumed twin must
-    compute bit for bit the same, whatever else the machine is doing. Restored afterwards."""
-    if not device.startswith("cpu"):
-        yield
-        return
-    saved = (torch.are_deterministic_algorithms_enabled(),
-             torch.is_deterministic_algorithms_warn_only_enabled(),
-             torch.backends.mkldnn.deterministic)
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.backends.mkldnn.deterministic = True
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
-        torch.backends.mkldnn.deterministic = saved[2]
+def _own_globals(device: str):
+    """Training computes only from its config and checkpoint, never from what the caller did
+    before: every process-wide torch setting it depends on is set here (the thread count in
+    _train, once the checkpoint's is known) and the caller's values are restored afterwards,
+    together with the caller's random state (training reseeds the global generator).
+
+    On CPU, deterministic kernels only (oneDNN's too): a run and its resumed twin must compute
+    bit for bit the same, whatever else the machine is doing."""
+    cpu = device.startswith("cpu")
+    saved = dict(threads=torch.get_num_threads(), dtype=torch.get_default_dtype(),
+                 grad=torch.is_grad_enabled(), precision=torch.get_float32_matmul_precision(),
+                 flush=_flushing_denormals(),
+                 det=(torch.are_deterministic_algorithms_enabled(),
+                      torch.is_deterministic_algorithms_warn_only_enabled()),
+                 mkldnn=torch.backends.mkldnn.deterministic)
+    with torch.random.fork_rng(devices=[] if cpu else None):
+        try:
+            torch.set_default_dtype(torch.float32)          # a float64 default: a float64 model
+            torch.set_grad_enabled(True)                    # called under no_grad: still trains
+            torch.set_float32_matmul_precision("highest")   # not tf32/bf16 "fp32" matmuls
+            torch.set_flush_denormal(False)                 # tiny gradients kept, not zeroed
+            if cpu:
+                torch.use_deterministic_algorithms(True, warn_only=True)
+                torch.backends.mkldnn.deterministic = True
+            yield
+        finally:
+            torch.set_num_threads(saved["threads"])
+            torch.set_default_dtype(saved["dtype"])
+            torch.set_grad_enabled(saved["grad"])
+            torch.set_float32_matmul_precision(saved["precision"])
+            torch.set_flush_denormal(saved["flush"])
+            torch.use_deterministic_algorithms(saved["det"][0], warn_only=saved["det"][1])
+            torch.backends.mkldnn.deterministic = saved["mkldnn"]
 
 
 def _train(cfg, resume, rank, world, master, out, ckpt_path) -> Path:
