@@ -306,18 +306,30 @@ def run_llama_cpp(shapes: list[str], threads: list[int], prompt_len: int, gen: i
     except ImportError:
         print("  this babyllama has no GGUF writer (babyllama.export.write_gguf): skipped")
         return []
+    import sentencepiece as spm_lib
     import torch
 
     from babyllama.model import PRESETS, Transformer
 
+    # a GGUF carries its vocabulary: Llama 2's for the 32000-token shapes, the book's 512-piece
+    # SentencePiece model (made by `make run` or chapter 01) for stories260K's
+    vocabularies = {}
+    for spm in (TOKENIZER_MODEL, ROOT / "out" / "tok512.model"):
+        if spm.exists():
+            vocabularies[spm_lib.SentencePieceProcessor(model_file=str(spm)).vocab_size()] = spm
     rows = []
     for shape in shapes:
+        spm = vocabularies.get(PRESETS[shape].vocab_size)
+        if spm is None:
+            print(f"  {shape}: no SentencePiece model of {PRESETS[shape].vocab_size} pieces "
+                  f"(looked for {TOKENIZER_MODEL} and out/tok512.model): skipped")
+            continue
         torch.manual_seed(0)
         model = Transformer(PRESETS[shape])
         for fmt, dtype in (("fp32", "f32"), ("int8", "q8_0")):
             gguf = OUT / f"{shape}_{dtype}.gguf"
             if not gguf.exists():
-                write_gguf(model, TOKENIZER_MODEL, gguf, dtype)
+                write_gguf(model, spm, gguf, dtype)
             for th in threads:
                 llm = llama_cpp.Llama(str(gguf), n_ctx=PRESETS[shape].max_seq_len, n_threads=th,
                                       n_batch=512, verbose=False)
