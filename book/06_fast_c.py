@@ -519,6 +519,17 @@ else:
 # second thread can only help (or cost) where the work is large enough — its int8 matmuls,
 # whose per-group overhead counts as work, and the larger models.
 #
+# One level up, the same reasoning picks a whole token's thread count. At dim 128 a token is
+# about 0.8 million multiply-adds, a tenth of a millisecond on one core, spread over about nine
+# parallel regions (each layer's attention and FFN, plus the classifier). On an idle machine a
+# fork-join costs microseconds; on a busy one, where the other core is running something else,
+# it can cost a scheduler time slice — milliseconds. So a forward or prefill whose tokens ×
+# multiply-adds per token is below 2²² runs on one thread (`work_threads` in `model.h`): the
+# book model and stories260K decode single-threaded, stories15M and up split. And the Python
+# side of generation is one `ctypes` call per chunk of tokens, not a forward call and a
+# sampler call per token: `CLlama.generate` runs the loop in C (`bl_context_generate`, with
+# run.c's sampler and the same random state, so the tokens are still NumPy's).
+#
 # `bench/bench_engines.py` times every engine side by side — C at 1 and 2 threads, NumPy and
 # PyTorch, prompt processing and generation separately — and saves a plot; with
 # `--llama2c DIR` it also runs llama2.c's own `run`/`runq` on the same files.

@@ -52,7 +52,7 @@ int main(int argc, char **argv) {
     printf("%s\n", bl_simd());
     bl_reset(m);
     int n = 0;
-    if (bl_generate(m, tokens, T, atoi(argv[5]), 0.0f, 1.0f, 1, print_id, NULL, &n) != BL_OK)
+    if (bl_generate(m, tokens, T, atoi(argv[5]), 0.0f, 1.0f, 1, 0, print_id, NULL, &n) != BL_OK)
         return fail("bl_generate", bl_model_error(m));
     printf("\n");
     free(logits);
