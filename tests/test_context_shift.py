@@ -278,3 +278,24 @@ def test_c_generate_chunks_do_not_change_the_tokens(files, chunk_seconds):
         list(e.generate(prompt, 5, n_keep=SEQ - 1))
     with pytest.raises(ValueError, match="token id 512 outside the vocabulary"):
         list(e.generate([1, 512], 5))
+
+
+@pytest.mark.parametrize("engine", ["numpy", "c"])
+def test_python_cli_generates_past_the_context(files, data_dir, engine, capsys):
+    """`babyllama generate -n 3*SEQ -k N` prints what the engines' generate gives with that
+    shift, and `-k 0` stops at the end of the context, as run.c does."""
+    from babyllama.cli import main
+    from babyllama.tokenizer import Tokenizer
+
+    path, tok_bin = files[1][0], data_dir / "tok512.bin"
+    tok = Tokenizer.from_bin(tok_bin)
+    prompt = tok.encode("Once upon a time", bos=True)
+    for keep in (2, 0):
+        ref = list(NumpyLlama.load(path).generate(prompt, 3 * SEQ, 0.0, 0.9, 1,
+                                                  context_shift=keep > 0, n_keep=max(keep, 1)))
+        assert len(ref) == (3 * SEQ if keep else SEQ) - len(prompt) + 1   # no early EOS
+        assert main(["generate", str(path), "-z", str(tok_bin), "-i", "Once upon a time",
+                     "-t", "0", "-s", "1", "-n", str(3 * SEQ), "-k", str(keep),
+                     "--engine", engine]) in (0, None)
+        out = capsys.readouterr().out
+        assert out == "Once upon a time" + "".join(tok.stream(iter(ref), prev=prompt[-1])) + "\n"

@@ -174,7 +174,7 @@ def cmd_generate(a) -> None:
     # a generator: the timer covers the forward passes and sampling of every engine
     t0 = time.perf_counter()
     ids = engine.generate(prompt, a.steps or engine.args.max_seq_len, a.temperature, a.topp,
-                          seed)
+                          seed, context_shift=a.keep > 0, n_keep=max(a.keep, 1))
     first: list[float] = []   # when the first new token arrived: the prompt's time ends there
 
     def timed(ids):
@@ -401,7 +401,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-p", dest="topp", type=float, default=0.9)
     s.add_argument("-s", dest="seed", type=int, default=0)
     s.add_argument("-n", dest="steps", type=_at_least(0), default=256,
-                   help="tokens to generate (0: up to the model's max_seq_len)")
+                   help="positions to run, past max_seq_len with the context shift "
+                        "(0: up to the model's max_seq_len)")
+    s.add_argument("-k", dest="keep", type=_at_least(0), default=1,
+                   help="tokens kept when the context shifts; 0 = no shift (run.c: stop at "
+                        "the end of the context)")
     s.add_argument("--engine", choices=["c", "numpy", "torch"], default="c")
     s.add_argument("--threads", type=_positive, default=None)
     s.set_defaults(fn=cmd_generate)
