@@ -127,8 +127,11 @@ def test_load_errors(tmp_path, model_files):
         c.forward(1, 512)
     with pytest.raises(ValueError, match="temperature"):
         c.generate_native([1], 10, temperature=-1.0)
-    with pytest.raises(ValueError, match="longer than the context"):
-        c.generate_native([1] * 600, 10)
+    with pytest.raises(ValueError, match="longer than the context"):   # run.c's clamp
+        c.generate_native([1] * 600, 10, context_shift=False)
+    # with the shift (the default) a long prompt keeps BOS and its newest tokens, as in Python
+    assert c.generate_native([1] * 600, 603, temperature=0.0) == \
+        list(NumpyLlama.load(model_files["260K", 0]).generate([1] * 600, 603, 0.0))
 
 
 def _tiny(tmp_path: Path, version: int) -> bytes:
