@@ -65,6 +65,33 @@ def test_rows_mask_everything_but_the_answer(tok):
         D.request_rows(tok, 4, 32)
 
 
+def test_head_steps_train_on_the_first_answer_tokens_only(tok):
+    """A head step picks the same rows as a full step and keeps, of each, the targets of its
+    first `head` answer tokens (the restating opening), cut to the longest; head_share 0 or
+    head 0 is the plain batch, and about head_share of the steps are head steps."""
+    x, y = D.request_rows(tok, 40, SEQ, seed=5)
+    head, n_head = 12, 0
+    for step in range(40):
+        fx, fy = D.get_request_batch((x, y), 8, SEQ, seed=3, step=step)
+        assert all(np.array_equal(p, q) for p, q in zip(
+            (fx, fy), D.get_request_batch((x, y), 8, SEQ, 3, step, head=head, head_share=0.0)))
+        assert all(np.array_equal(p, q) for p, q in zip(
+            (fx, fy), D.get_request_batch((x, y), 8, SEQ, 3, step, head=0, head_share=1.0)))
+        hx, hy = D.get_request_batch((x, y), 8, SEQ, 3, step, head=head, head_share=0.5)
+        if hx.shape == fx.shape:
+            assert np.array_equal(hx, fx) and np.array_equal(hy, fy)
+            continue
+        n_head += 1
+        for r in range(8):   # by hand: the row's first `head` answer targets, nothing else
+            t = [i for i in range(fy.shape[1]) if fy[r, i] != D.IGNORE]
+            want = np.full(SEQ, D.IGNORE)
+            want[t[:head]] = fy[r, t[:head]]
+            got = np.pad(hy[r], (0, SEQ - hy.shape[1]), constant_values=D.IGNORE)
+            assert np.array_equal(got, want) and np.array_equal(hx[r], fx[r, :hx.shape[1]])
+        assert (hy[:, -1] != D.IGNORE).any() and hx.shape[1] < fx.shape[1]
+    assert 10 <= n_head <= 30
+
+
 def test_finetuning_rows_never_hold_an_evaluated_combination(tok):
     """Decode the rows fine-tuning trains on: no row names all three of an evaluated request's
     character, animal and object (checked on the text, independently of is_held_out)."""

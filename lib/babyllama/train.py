@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -291,10 +292,12 @@ def _train(cfg, resume, rank, world, master, out, ckpt_path) -> Path:
     if cfg.data == "requests":   # instruction tuning: see finetune below
         train_shards, val_shards = _request_data(cfg, args)
         fetch = get_request_batch
+        fetch_train = functools.partial(get_request_batch, head=cfg.answer_head,
+                                        head_share=cfg.head_share)   # evaluation: whole rows
     else:
         bins = shard_dir(cfg.data, args.vocab_size, cfg.data_dir)
         train_shards, val_shards = load_shards(bins, "train"), load_shards(bins, "val")
-        fetch = get_batch
+        fetch = fetch_train = get_batch
 
     torch.manual_seed(cfg.seed)
     model = Transformer(args).to(cfg.device)
@@ -325,7 +328,7 @@ def _train(cfg, resume, rank, world, master, out, ckpt_path) -> Path:
         scaler.load_state_dict(state["scaler"])
     rows = slice(rank * cfg.batch_size // world, (rank + 1) * cfg.batch_size // world)
 
-    def batch(shards, seed, step):
+    def batch(shards, seed, step, fetch=fetch):
         x, y = fetch(shards, cfg.batch_size, args.max_seq_len, seed, step)
         return (torch.from_numpy(x[rows]).to(cfg.device), torch.from_numpy(y[rows]).to(cfg.device))
 
@@ -379,7 +382,7 @@ def _train(cfg, resume, rank, world, master, out, ckpt_path) -> Path:
                 g["lr"] = lr
             total = 0.0
             for micro in range(cfg.grad_accum):
-                x, y = batch(train_shards, cfg.seed, it * cfg.grad_accum + micro)
+                x, y = batch(train_shards, cfg.seed, it * cfg.grad_accum + micro, fetch_train)
                 sync = world == 1 or micro == cfg.grad_accum - 1
                 with (contextlib.nullcontext() if sync else model.no_sync()), autocast:
                     _, loss = model(x, y)
@@ -444,6 +447,8 @@ class FinetuneConfig(TrainConfig):
     learning_rate: float = 3e-3         # pretraining's peak: 1e-3 learned no copying in
     min_lr: float = 3e-4                # 100 iterations, 6e-3 was no faster than 3e-3
     warmup_iters: int = 10
+    answer_head: int = 0                # tokens of the answer the head-only steps train on
+    head_share: float = 0.0             # share of the steps that train on the head only
 
 
 def _request_data(cfg, args: ModelArgs):
