@@ -18,7 +18,7 @@ from babyllama.instruct import EVAL_SEED, evaluate_requests
 from babyllama.model import Transformer
 from babyllama.stories import ANIMALS, BOYS, GIRLS, OBJECTS, generate_requests, iter_requests
 from babyllama.tokenizer import EOS, Tokenizer
-from babyllama.train import TrainConfig, TrainingError, finetune, read_log, train
+from babyllama.train import FinetuneConfig, TrainConfig, TrainingError, finetune, read_log, train
 
 SEQ = 256
 
@@ -90,6 +90,26 @@ def test_head_steps_train_on_the_first_answer_tokens_only(tok):
             assert np.array_equal(got, want) and np.array_equal(hx[r], fx[r, :hx.shape[1]])
         assert (hy[:, -1] != D.IGNORE).any() and hx.shape[1] < fx.shape[1]
     assert 10 <= n_head <= 30
+
+
+def test_default_head_reaches_the_requested_object(tok):
+    """The head steps must still see the details: for fine-tuning requests, the answer's first
+    FinetuneConfig.answer_head tokens always reach the requested object in the opening's second
+    sentence, and usually (the opening's length varies with the words) hold all of it."""
+    head = FinetuneConfig.answer_head
+    assert head > 0 and 0 < FinetuneConfig.head_share < 1   # whole stories are trained too
+    whole = 0
+    pairs = generate_requests(400, seed=D.REQUEST_SEEDS["train"])
+    for req, story in pairs:
+        opening = re.match(r"(.*?\.) (.*? found .*?\.) ", story)
+        assert opening and f"named {req.name}." in opening.group(1), story
+        assert opening.group(2).endswith(f" {req.obj}."), story
+        head_text = tok.decode(tok.encode(story, bos=False)[:head])
+        up_to_object = opening.group(0)[:opening.group(0).rindex(req.obj)]
+        assert head_text.startswith(up_to_object) and len(head_text) > len(up_to_object), \
+            (head_text, story)
+        whole += head_text.startswith(opening.group(0).strip())
+    assert whole >= 0.85 * len(pairs), whole
 
 
 def test_finetuning_rows_never_hold_an_evaluated_combination(tok):
