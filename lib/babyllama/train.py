@@ -453,6 +453,9 @@ class FinetuneConfig(TrainConfig):
     # the rest on whole stories, which teach the plot and when to stop (chapter 03, 3.7)
     answer_head: int = 48
     head_share: float = 0.9
+    # its matrices are small: on our 2 busy cores one thread ran 11.6 iterations/s and two
+    # threads 0.3 (waiting on each other); --threads asks for more
+    threads: int | None = 1
 
 
 def _request_data(cfg, args: ModelArgs):
