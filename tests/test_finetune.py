@@ -18,7 +18,7 @@ from babyllama.instruct import EVAL_SEED, evaluate_requests
 from babyllama.model import Transformer
 from babyllama.stories import ANIMALS, BOYS, GIRLS, OBJECTS, generate_requests, iter_requests
 from babyllama.tokenizer import EOS, Tokenizer
-from babyllama.train import TrainConfig, TrainingError, finetune, read_log, train
+from babyllama.train import FinetuneConfig, TrainConfig, TrainingError, finetune, read_log, train
 
 SEQ = 256
 
@@ -63,6 +63,53 @@ def test_rows_mask_everything_but_the_answer(tok):
     assert (y[pick, a[1].shape[1]:] == D.IGNORE).all() and (a[1][:, -1] != D.IGNORE).any()
     with pytest.raises(ValueError, match="seq_len 32"):
         D.request_rows(tok, 4, 32)
+
+
+def test_head_steps_train_on_the_first_answer_tokens_only(tok):
+    """A head step picks the same rows as a full step and keeps, of each, the targets of its
+    first `head` answer tokens (the restating opening), cut to the longest; head_share 0 or
+    head 0 is the plain batch, and about head_share of the steps are head steps."""
+    x, y = D.request_rows(tok, 40, SEQ, seed=5)
+    head, n_head = 12, 0
+    for step in range(40):
+        fx, fy = D.get_request_batch((x, y), 8, SEQ, seed=3, step=step)
+        assert all(np.array_equal(p, q) for p, q in zip(
+            (fx, fy), D.get_request_batch((x, y), 8, SEQ, 3, step, head=head, head_share=0.0)))
+        assert all(np.array_equal(p, q) for p, q in zip(
+            (fx, fy), D.get_request_batch((x, y), 8, SEQ, 3, step, head=0, head_share=1.0)))
+        hx, hy = D.get_request_batch((x, y), 8, SEQ, 3, step, head=head, head_share=0.5)
+        if hx.shape == fx.shape:
+            assert np.array_equal(hx, fx) and np.array_equal(hy, fy)
+            continue
+        n_head += 1
+        for r in range(8):   # by hand: the row's first `head` answer targets, nothing else
+            t = [i for i in range(fy.shape[1]) if fy[r, i] != D.IGNORE]
+            want = np.full(SEQ, D.IGNORE)
+            want[t[:head]] = fy[r, t[:head]]
+            got = np.pad(hy[r], (0, SEQ - hy.shape[1]), constant_values=D.IGNORE)
+            assert np.array_equal(got, want) and np.array_equal(hx[r], fx[r, :hx.shape[1]])
+        assert (hy[:, -1] != D.IGNORE).any() and hx.shape[1] < fx.shape[1]
+    assert 10 <= n_head <= 30
+
+
+def test_default_head_reaches_the_requested_object(tok):
+    """The head steps must still see the details: for fine-tuning requests, the answer's first
+    FinetuneConfig.answer_head tokens always reach the requested object in the opening's second
+    sentence, and usually (the opening's length varies with the words) hold all of it."""
+    head = FinetuneConfig.answer_head
+    assert head > 0 and 0 < FinetuneConfig.head_share < 1   # whole stories are trained too
+    whole = 0
+    pairs = generate_requests(400, seed=D.REQUEST_SEEDS["train"])
+    for req, story in pairs:
+        opening = re.match(r"(.*?\.) (.*? found .*?\.) ", story)
+        assert opening and f"named {req.name}." in opening.group(1), story
+        assert opening.group(2).endswith(f" {req.obj}."), story
+        head_text = tok.decode(tok.encode(story, bos=False)[:head])
+        up_to_object = opening.group(0)[:opening.group(0).rindex(req.obj)]
+        assert head_text.startswith(up_to_object) and len(head_text) > len(up_to_object), \
+            (head_text, story)
+        whole += head_text.startswith(opening.group(0).strip())
+    assert whole >= 0.85 * len(pairs), whole
 
 
 def test_finetuning_rows_never_hold_an_evaluated_combination(tok):

@@ -309,13 +309,24 @@ def request_rows(tok, n: int, seq_len: int, seed: int = 0,
 
 
 def get_request_batch(rows: tuple[np.ndarray, np.ndarray], batch_size: int, seq_len: int,
-                      seed: int, step: int) -> tuple[np.ndarray, np.ndarray]:
+                      seed: int, step: int, head: int = 0, head_share: float = 0.0
+                      ) -> tuple[np.ndarray, np.ndarray]:
     """get_batch for request rows: random rows, a pure function of (seed, step), cut after the
     last position any of them trains on (the rest is padding: causal attention never lets it
-    change an earlier position, so this only saves time)."""
+    change an earlier position, so this only saves time).
+
+    With head > 0, a share head_share of the steps (drawn from the same (seed, step)) trains
+    only on the first `head` answer tokens of each row: the opening that restates the request,
+    where the copying is learned, at a fraction of a full row's cost. No EOS is taught there, so
+    the model still learns from the full steps where a story ends."""
     x, y = rows
     if x.shape[1] != seq_len:
         raise ValueError(f"request rows have {x.shape[1]} positions, expected seq_len {seq_len}")
-    pick = np.random.default_rng([seed, step]).integers(0, len(x), batch_size)
-    width = int(np.flatnonzero((y[pick] != IGNORE).any(0)).max()) + 1
-    return x[pick, :width], y[pick, :width]
+    rng = np.random.default_rng([seed, step])
+    pick = rng.integers(0, len(x), batch_size)
+    x, y = x[pick], y[pick]
+    if head > 0 and rng.random() < head_share:
+        first = (y != IGNORE).argmax(1)                       # (B,) first answer target
+        y = np.where(np.arange(seq_len) < (first + head)[:, None], y, IGNORE)
+    width = int(np.flatnonzero((y != IGNORE).any(0)).max()) + 1
+    return x[:, :width], y[:, :width]
