@@ -462,6 +462,8 @@ assert abs(loss.item() - by_hand.item()) < 1e-4
 # predicts) and at every later one (which copying would predict):
 
 # %%
+# NBVAL_IGNORE_OUTPUT
+# (the probabilities depend on the trained weights, whose last bits depend on the CPU)
 p_name: dict[str, list[float]] = {"first": [], "later": []}
 for text in val_docs[:40]:
     hero = re.search(r"(?:named|called|name was) ([A-Z][a-z]+)", text) or \
@@ -525,6 +527,8 @@ print("masked validation loss:", [(r["iter"], round(r["val_loss"], 3)) for r in 
 # are greedy, and `answer` feeds exactly the ids chat mode would (`encode_turn`).
 
 # %%
+# NBVAL_IGNORE_OUTPUT
+# (the answers depend on the trained weights, whose last bits depend on the CPU)
 from babyllama.fast_c import CLlama
 
 engines = {"before": CLlama.load(book.ensure_exports(paths)[0]),
@@ -542,12 +546,17 @@ for name, engine in engines.items():
 # of the three was named.
 
 # %%
+# NBVAL_IGNORE_OUTPUT
+# (the counts depend on the trained weights; the assertion holds on any CPU)
 scores = {"before, held-out": evaluate_requests(engines["before"], tok, n=50),
           "after, held-out": evaluate_requests(engines["after"], tok, n=50),
           "after, fine-tuned on": evaluate_requests(engines["after"], tok, n=50,
                                                     held_out=False)}
 for name, s in scores.items():
     print(f"{name:21} {s}")
+gain = scores["after, held-out"].fraction - scores["before, held-out"].fraction
+print(f"fine-tuning added {gain:.0%} of held-out requests honoured (bound: more than half)")
+assert gain > 0.5
 
 # %% [markdown]
 # **Reading the numbers.** Compare the two "after" lines first: if the fine-tuned model did
