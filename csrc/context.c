@@ -32,7 +32,7 @@ int bl_context_open(bl_model *m, int n_keep, int shift, bl_context **out, char *
     int32_t cfg[BL_CONFIG_LEN];
     bl_model_config(m, cfg);
     int seq_len = cfg[6];
-    if (n_keep < 1 || n_keep > seq_len - 2)
+    if (shift && (n_keep < 1 || n_keep > seq_len - 2))
         return bl_fail(err, errlen, BL_ERR_ARG, "n_keep must be in [1, %d] for a context of %d (BOS at least, and room to shift), got %d",
                        seq_len - 2, seq_len, n_keep);
     bl_context *ctx = calloc(1, sizeof *ctx);
@@ -177,7 +177,10 @@ int bl_generate(bl_model *m, const int *prompt, int n_prompt, int steps, float t
     bl_reset(m);
     if (steps <= n_prompt - 1) return BL_OK;
     bl_context *ctx;
-    if ((rc = bl_context_open(m, n_keep ? n_keep : 1, n_keep != 0, &ctx, err, errlen)) != BL_OK) return rc;
+    /* shift only when the run can pass the end of the context: a model whose context is too
+     * short to shift still generates within it, as run.c does */
+    int shift = n_keep != 0 && (steps > seq_len || n_prompt > seq_len);
+    if ((rc = bl_context_open(m, shift ? n_keep : 1, shift, &ctx, err, errlen)) != BL_OK) return rc;
     /* `steps` counts every position, prompt included: steps - n_prompt + 1 new tokens */
     rc = generate(ctx, prompt, n_prompt, steps - n_prompt + 1, temperature, topp, &rng, NULL, &count, cb, user);
     if (rc != BL_OK) bl_fail(err, errlen, rc, "%s", ctx->err);

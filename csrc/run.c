@@ -292,7 +292,7 @@ int main(int argc, char **argv) {
         if (pr.dump) fclose(pr.dump);
         double dt = now_s() - t0;
         printf("\n");
-        if (rc != BL_OK) fprintf(stderr, "error: %s\n", bl_model_error(m));
+        if (rc != BL_OK) fprintf(stderr, "error: %s: %s\n", checkpoint, bl_model_error(m));
         else if (n_gen > 0) {
             /* llama.cpp-style: prompt (prefill, up to the first new token) and generation apart */
             double tp = pr.t_first - t0, tg = dt - tp;
