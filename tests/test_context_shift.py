@@ -274,8 +274,8 @@ def test_c_generate_chunks_do_not_change_the_tokens(files, chunk_seconds):
     assert [next(g) for _ in range(5)] == ref[:5]
     g.close()
     assert list(e.generate(prompt, 3 * SEQ, 1.0, 0.9, 3, n_keep=2)) == ref
-    with pytest.raises(ValueError, match="n_keep"):
-        list(e.generate(prompt, 5, n_keep=SEQ - 1))
+    with pytest.raises(ValueError, match="n_keep"):   # checked when the run passes the end
+        list(e.generate(prompt, SEQ + 1, n_keep=SEQ - 1))
     with pytest.raises(ValueError, match="token id 512 outside the vocabulary"):
         list(e.generate([1, 512], 5))
 

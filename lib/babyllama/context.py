@@ -40,9 +40,37 @@ def kept_after_shift(tokens: Sequence[int], n_keep: int, seq_len: int) -> list[i
 
 
 def check_n_keep(n_keep: int, seq_len: int) -> None:
+    """What a context that shifts needs: BOS kept at least, and one new position after a shift."""
+    if seq_len < 3:
+        raise ValueError(f"a context of {seq_len} positions is too short to shift (it needs 3: "
+                         f"BOS, one token kept and one new): stay within it or turn the context "
+                         f"shift off")
     if not 1 <= n_keep <= seq_len - 2:
         raise ValueError(f"n_keep must be in [1, {seq_len - 2}] for a context of {seq_len} "
                          f"(BOS at least, and room to shift), got {n_keep}")
+
+
+def check_generate_args(n_prompt: int, steps: int, seq_len: int, context_shift: bool = True,
+                        n_keep: int = 1) -> tuple[int, bool]:
+    """The argument checks of every engine's generate (NumPy, C, PyTorch), made before the cache
+    is touched; returns (steps, shift). `steps` counts every position, prompt included, as
+    run.c's -n; with the shift off it is clamped to the context (run.c's clamp) and a longer
+    prompt is an error. As the C library's bl_generate, the context shifts only when the run
+    can pass the end of the context: n_keep is then checked against seq_len, and a model whose
+    context is too short to shift still generates within it."""
+    if n_prompt < 1:
+        raise ValueError("the prompt needs at least one token (BOS = 1)")
+    if not context_shift:
+        if n_prompt > seq_len:
+            raise ValueError(f"prompt of {n_prompt} tokens is longer than the context "
+                             f"({seq_len}) and the context shift is off")
+        return min(steps, seq_len), False
+    if n_keep < 1:   # wrong whatever the run: the kept tokens begin with BOS
+        raise ValueError(f"n_keep must be >= 1 (BOS at least), got {n_keep}")
+    shift = n_prompt <= steps and steps > seq_len   # something is generated, past the end
+    if shift:
+        check_n_keep(n_keep, seq_len)
+    return steps, shift
 
 
 class Context:
@@ -50,7 +78,8 @@ class Context:
 
     def __init__(self, prefill: Prefill, seq_len: int, n_keep: int = 1,
                  shift: bool = True, vocab_size: int | None = None):
-        check_n_keep(n_keep, seq_len)
+        if shift:   # without the shift n_keep is never used (as the C context)
+            check_n_keep(n_keep, seq_len)
         self.prefill, self.seq_len = prefill, seq_len
         self.n_keep, self.shift, self.vocab_size = n_keep, shift, vocab_size
         self.tokens: list[int] = []   # tokens[i] is cached at position i

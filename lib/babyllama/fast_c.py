@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from babyllama.config import ModelArgs
-from babyllama.context import check_n_keep
+from babyllama.context import check_generate_args
 from babyllama.inference_numpy import NonFiniteError, XorShiftRng, check_sampling, random_seed
 
 CSRC = Path(__file__).resolve().parent.parent.parent / "csrc"
@@ -283,21 +283,14 @@ class CLlama:
         (bl_context_generate): one call yields a chunk of tokens, sized to take about
         CHUNK_SECONDS, instead of two calls and a Python sampler step per token."""
         check_sampling(temperature, topp)
-        seq_len = self.args.max_seq_len
-        check_n_keep(n_keep, seq_len)
-        if len(prompt_ids) == 0:
-            raise ValueError("the prompt needs at least one token (BOS = 1)")
-        if not context_shift:
-            if len(prompt_ids) > seq_len:
-                raise ValueError(f"prompt of {len(prompt_ids)} tokens is longer than the "
-                                 f"context ({seq_len}) and the context shift is off")
-            steps = min(steps, seq_len)
+        steps, shift = check_generate_args(len(prompt_ids), steps, self.args.max_seq_len,
+                                           context_shift, n_keep)
         rng = XorShiftRng(seed if seed is not None else random_seed())
         self.reset()
         if steps <= len(prompt_ids) - 1:
             return
         ctx, err = C.c_void_p(), C.create_string_buffer(1024)
-        if self._lib.bl_context_open(self._h, n_keep, int(context_shift), C.byref(ctx), err,
+        if self._lib.bl_context_open(self._h, n_keep, int(shift), C.byref(ctx), err,
                                      len(err)) != 0:
             raise ValueError(err.value.decode(errors="replace"))
         try:
@@ -333,8 +326,10 @@ class CLlama:
     def generate_native(self, prompt_ids: list[int], steps: int, temperature: float = 1.0,
                         topp: float = 0.9, seed: int = 1, context_shift: bool = True,
                         n_keep: int = 1) -> list[int]:
-        """The whole loop inside C (bl_generate, run.c's), tokens collected through a callback."""
+        """The whole loop inside C (bl_generate, run.c's), tokens collected through a callback.
+        The arguments are checked as generate's (bl_generate clamps and shifts by the same rule)."""
         check_sampling(temperature, topp)
+        check_generate_args(len(prompt_ids), steps, self.args.max_seq_len, context_shift, n_keep)
         out: list[int] = []
         cb = TOKEN_CB(lambda t, _: out.append(t) or 0)
         ids = self._ids(prompt_ids)

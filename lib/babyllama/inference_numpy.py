@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from babyllama.config import ModelArgs
-from babyllama.context import Context
+from babyllama.context import Context, check_generate_args
 from babyllama.export import Weights, read_model
 
 BOS, EOS = 1, 2
@@ -290,17 +290,12 @@ def generate_loop(engine, prompt_ids: list[int], steps: int, temperature: float,
     """The loop both engines share: the prompt in one prefill call, then one token at a
     time, each drawn with the engine's own sampler. With the context shift on, a prompt longer
     than the context keeps its first n_keep tokens and its newest ones (kept_after_shift);
-    with it off, such a prompt is an error and steps stop at max_seq_len."""
+    with it off, such a prompt is an error and steps stop at max_seq_len (the checks and the
+    clamp: babyllama.context.check_generate_args, shared with the C engine)."""
     check_sampling(temperature, topp)
     seq_len = engine.args.max_seq_len
-    if not prompt_ids:
-        raise ValueError("the prompt needs at least one token (BOS = 1)")
-    if not context_shift:
-        if len(prompt_ids) > seq_len:
-            raise ValueError(f"prompt of {len(prompt_ids)} tokens is longer than the context "
-                             f"({seq_len}) and the context shift is off")
-        steps = min(steps, seq_len)
-    ctx = Context(engine.prefill, seq_len, n_keep, context_shift, engine.args.vocab_size)
+    steps, shift = check_generate_args(len(prompt_ids), steps, seq_len, context_shift, n_keep)
+    ctx = Context(engine.prefill, seq_len, n_keep, shift, engine.args.vocab_size)
     rng = XorShiftRng(seed if seed is not None else random_seed())
     engine.reset()
     n = len(prompt_ids)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from babyllama.config import PRESETS, ModelArgs, count_params
-from babyllama.context import Context
+from babyllama.context import Context, check_generate_args
 
 __all__ = ["PRESETS", "ModelArgs", "Transformer", "count_params"]
 
@@ -234,27 +234,27 @@ class Transformer(nn.Module):
         the rest goes, the kept ones are recomputed at their new positions (babyllama.context;
         a longer prompt is truncated by the same rule). context_shift=False stops at the end
         of the context and rejects a longer prompt."""
-        if not prompt_ids:
-            raise ValueError("generate needs at least one prompt token (e.g. BOS = 1)")
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
         if top_p is not None and not 0 < top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-        seq_len = self.params.max_seq_len
-        if not context_shift and len(prompt_ids) > seq_len:
-            raise ValueError(f"prompt of {len(prompt_ids)} tokens is longer than the context "
-                             f"({seq_len}) and the context shift is off")
+        seq_len, n = self.params.max_seq_len, len(prompt_ids)
+        # the engines' checks, in their terms: steps counts every position, prompt included
+        steps, shift = check_generate_args(n, n - 1 + max_new_tokens, seq_len, context_shift,
+                                           n_keep)
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         self.reset_cache()
-        ctx = Context(self.prefill, seq_len, n_keep, context_shift,
-                      self.params.vocab_size)
-        logits, out = ctx.feed(prompt_ids), []
-        for _ in range(max_new_tokens):
+        out: list[int] = []
+        if steps < n:   # nothing to generate
+            return out
+        ctx = Context(self.prefill, seq_len, n_keep, shift, self.params.vocab_size)
+        logits = ctx.feed(prompt_ids)
+        while True:
             nxt = _sample(logits.float(), temperature, top_k, top_p, gen)
             if nxt in (1, 2):
                 break
             out.append(nxt)
-            if not context_shift and len(ctx) >= seq_len:   # full, nothing more to feed
+            if len(out) == steps - n + 1:   # the last one is not fed
                 break
             logits = ctx.feed([nxt])
         self.reset_cache()
