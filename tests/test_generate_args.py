@@ -71,7 +71,8 @@ def engines(tmp_path_factory):
     torch.set_num_threads(1)   # tiny matrices: more threads only wait on each other
     d, out = tmp_path_factory.mktemp("args"), {}
     for L in SEQ_LENS:
-        model = scaled_model(dataclasses.replace(ARGS, max_seq_len=L), 2.0, seed=3)
+        # seed 0: greedy never meets BOS/EOS from these prompts, so every run is full length
+        model = scaled_model(dataclasses.replace(ARGS, max_seq_len=L), 2.0, seed=0)
         path = write_model(model, d / f"m{L}.bin", version=0)
         out[L] = dict(model=model, numpy=NumpyLlama.load(path), c=CLlama.load(path, threads=1),
                       torch=TorchEngine(model))
@@ -129,6 +130,7 @@ def test_engines_accept_reject_and_generate_alike(engines, seq_len, n, steps, sh
             assert str(got) == str(greedy["numpy"]) and want in str(got), name
         return
     ref = _reference(e["model"], prompt, want, seq_len, n_keep)
+    assert len(ref) == want, "an early EOS: the counts would go unchecked"
     for name, got in greedy.items():
         assert not isinstance(got, ValueError), f"{name}: {got}"
         assert got == ref, name
