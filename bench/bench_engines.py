@@ -101,24 +101,30 @@ class TorchEngine:
 
 
 def run_engines(shapes: list[str], prompt_len: int, gen: int, threads: int) -> list[dict]:
+    import torch
+
     from babyllama.fast_c import CLlama
     from babyllama.inference_numpy import NumpyLlama
 
-    rows = []
-    for shape in shapes:
-        files = make_files(shape)
-        for fmt, v in (("fp32", 0), ("int8", 2)):
-            engines = [("C, 1 thread", lambda p: CLlama.load(p, threads=1)),
-                       (f"C, {threads} threads", lambda p: CLlama.load(p, threads=threads)),
-                       ("NumPy", NumpyLlama.load)]
-            if fmt == "fp32":
-                engines.append((f"PyTorch, {threads} threads", lambda p: TorchEngine(p, threads)))
-            for name, load in engines:
-                pp, tg = time_engine(load(files[v]), prompt_len, gen)
-                rows.append({"shape": shape, "format": fmt, "engine": name, "prompt_tok_s": pp,
-                             "gen_tok_s": tg})
-                print(f"  {shape:12} {fmt:5} {name:20} prompt {pp:9.1f} tok/s  "
-                      f"generate {tg:9.1f} tok/s", flush=True)
+    rows, saved = [], torch.get_num_threads()   # TorchEngine sets torch's process-wide count
+    try:
+        for shape in shapes:
+            files = make_files(shape)
+            for fmt, v in (("fp32", 0), ("int8", 2)):
+                engines = [("C, 1 thread", lambda p: CLlama.load(p, threads=1)),
+                           (f"C, {threads} threads", lambda p: CLlama.load(p, threads=threads)),
+                           ("NumPy", NumpyLlama.load)]
+                if fmt == "fp32":
+                    engines.append((f"PyTorch, {threads} threads",
+                                    lambda p: TorchEngine(p, threads)))
+                for name, load in engines:
+                    pp, tg = time_engine(load(files[v]), prompt_len, gen)
+                    rows.append({"shape": shape, "format": fmt, "engine": name,
+                                 "prompt_tok_s": pp, "gen_tok_s": tg})
+                    print(f"  {shape:12} {fmt:5} {name:20} prompt {pp:9.1f} tok/s  "
+                          f"generate {tg:9.1f} tok/s", flush=True)
+    finally:
+        torch.set_num_threads(saved)
     return rows
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import math
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import SANITIZER_ENV, assert_sanitizer_clean, build_cli, sanitizer_cli, torch_threads
 
-from babyllama import fast_c
 from babyllama.chat import ChatSession, TorchEngine
 from babyllama.export import write_model
 from babyllama.fast_c import CLlama
@@ -27,7 +26,6 @@ from babyllama.inference_numpy import NumpyLlama
 from babyllama.model import ModelArgs, Transformer
 from babyllama.tokenizer import Tokenizer
 
-CSRC = Path(fast_c.__file__).resolve().parents[2] / "csrc"
 SEQ = 64
 SYSTEM = "You are a kind storyteller."
 TURNS = ["Hi there", "Tell me a story about a fox.", "Thanks!", "One more, please", "Bye"]
@@ -52,11 +50,8 @@ def chatty_model(seq_len: int = SEQ, eos_logit: float = 8.5) -> Transformer:
 
 @pytest.fixture(scope="module", autouse=True)
 def one_torch_thread():
-    """Tiny matrices: extra torch threads only wait on each other on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -110,15 +105,9 @@ def _python_chat(mp, capsys, engine: str, model: Path, tok: Path, dump: Path, st
     return subprocess.CompletedProcess([], rc, out.out, out.err)
 
 
-def _cc() -> str:
-    return os.environ.get("CC") or shutil.which("cc") or "gcc"
-
-
 @pytest.fixture(scope="module")
 def run_exe():
-    subprocess.run(["make", "-s", "-C", str(CSRC), "run", f"CC={_cc()}"], check=True,
-                   capture_output=True)
-    return CSRC / "run"
+    return build_cli()
 
 
 def _c_chat(run_exe, model, tok, dump, stdin, *flags, env=None):
@@ -218,23 +207,14 @@ def test_torch_engine_adapter_matches_numpy(chatty):
     assert np.abs(a - b).max() <= 1e-4
 
 
-def test_chat_is_sanitizer_clean(chatty, tmp_path):
+def test_chat_is_sanitizer_clean(chatty, tmp_path, tmp_path_factory):
     """ASan + UBSan build of the CLI: a conversation across shifts, and a turn rejected with
     the shift off."""
-    if subprocess.run([_cc(), "-fsanitize=address,undefined", "-x", "c", "-", "-o",
-                       str(tmp_path / "probe")], input="int main(void){return 0;}",
-                      text=True, capture_output=True).returncode != 0:
-        pytest.skip("this compiler has no AddressSanitizer/UBSan runtime")
-    exe = tmp_path / "run-asan"
-    srcs = [str(CSRC / f) for f in ("run.c", *fast_c.LIB_SOURCES)]
-    subprocess.run([_cc(), "-std=c11", "-O1", "-g", "-fsanitize=address,undefined",
-                    "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", *srcs, "-o",
-                    str(exe), "-lm"], check=True)
-    env = {"ASAN_OPTIONS": "detect_leaks=1", "UBSAN_OPTIONS": "print_stacktrace=1"}
+    exe = sanitizer_cli(tmp_path_factory)
     stdin = "".join(t + "\n" for t in TURNS)
     for flags, rc in (([], 0), (["-k", "0"], 1), (["-k", "3", "-n", "100"], 0)):   # seed 6:
         # without the shift a later turn finds 56 of 64 positions used: an error
         r = _c_chat(exe, chatty["bin"], chatty["tok"], tmp_path / "ids", stdin, "-s", "6",
-                    "-y", SYSTEM, "-i", "Hello", *flags, env=env)
-        assert "Sanitizer" not in r.stderr and "runtime error" not in r.stderr, r.stderr
+                    "-y", SYSTEM, "-i", "Hello", *flags, env=SANITIZER_ENV)
+        assert_sanitizer_clean(r.stderr)
         assert r.returncode == rc, r.stderr

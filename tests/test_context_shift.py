@@ -8,33 +8,33 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import scaled_model
+from helpers import (
+    SANITIZER_ENV,
+    assert_sanitizer_clean,
+    build_cli,
+    sanitizer_cli,
+    scaled_model,
+    torch_threads,
+)
 
-from babyllama import fast_c
 from babyllama.context import Context, kept_after_shift
 from babyllama.export import write_model
 from babyllama.fast_c import CLlama
 from babyllama.inference_numpy import NumpyLlama
 from babyllama.model import PRESETS
 
-CSRC = Path(fast_c.__file__).resolve().parents[2] / "csrc"
 SEQ = 40   # a short context: 3 x SEQ tokens cross several shifts in well under a second
 
 
 @pytest.fixture(scope="module", autouse=True)
 def one_torch_thread():
-    """Tiny matrices: extra torch threads only wait on each other on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -177,15 +177,9 @@ def test_torch_generate_bad_arguments(files):
 # ----------------------------------------------------------------------------------------------
 # the C CLI's generate mode (./csrc/run -n past the context, -k kept tokens, -k 0 = clamp)
 
-def _cc() -> str:
-    return os.environ.get("CC") or shutil.which("cc") or "gcc"
-
-
 @pytest.fixture(scope="module")
 def run_exe():
-    subprocess.run(["make", "-s", "-C", str(CSRC), "run", f"CC={_cc()}"], check=True,
-                   capture_output=True)
-    return CSRC / "run"
+    return build_cli()
 
 
 def _cli_ids(exe, model, tok, dump, *flags, env=None) -> tuple[list[int], list[int], str]:
@@ -236,24 +230,15 @@ def test_cli_k0_clamps_at_the_context_as_run_c(files, run_exe, data_dir, tmp_pat
     assert r.returncode == 0, r.stderr
 
 
-def test_cli_context_shift_sanitizers_clean(files, data_dir, tmp_path):
+def test_cli_context_shift_sanitizers_clean(files, data_dir, tmp_path, tmp_path_factory):
     """ASan + UBSan build of the CLI generating over 3 contexts: clean, and the same ids."""
-    if subprocess.run([_cc(), "-fsanitize=address,undefined", "-x", "c", "-", "-o",
-                       str(tmp_path / "probe")], input="int main(void){return 0;}",
-                      text=True, capture_output=True).returncode != 0:
-        pytest.skip("this compiler has no AddressSanitizer/UBSan runtime")
-    exe = tmp_path / "run-asan"
-    srcs = [str(CSRC / f) for f in ("run.c", *fast_c.LIB_SOURCES)]
-    subprocess.run([_cc(), "-std=c11", "-O1", "-g", "-fsanitize=address,undefined",
-                    "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", *srcs, "-o",
-                    str(exe), "-lm"], check=True)
-    env = {"ASAN_OPTIONS": "detect_leaks=1", "UBSAN_OPTIONS": "print_stacktrace=1"}
+    exe = sanitizer_cli(tmp_path_factory)
     for version, n_keep, temperature in ((0, 3, 0.0), (2, 1, 0.0), (2, 2, 1.0)):
         path = files[1][version]
         prompt, ids, err = _cli_ids(exe, path, data_dir / "tok512.bin", tmp_path / "ids", "-n",
                                     str(3 * SEQ), "-t", str(temperature), "-s", "5", "-k",
-                                    str(n_keep), env=env)
-        assert "Sanitizer" not in err and "runtime error" not in err, err
+                                    str(n_keep), env=SANITIZER_ENV)
+        assert_sanitizer_clean(err)
         ref = list(NumpyLlama.load(path).generate(prompt, 3 * SEQ, temperature, 0.9, 5,
                                                   n_keep=n_keep))
         assert ids == ref
@@ -299,3 +284,28 @@ def test_python_cli_generates_past_the_context(files, data_dir, engine, capsys):
                      "--engine", engine]) in (0, None)
         out = capsys.readouterr().out
         assert out == "Once upon a time" + "".join(tok.stream(iter(ref), prev=prompt[-1])) + "\n"
+
+
+def test_python_cli_torch_threads_last_one_command(files, data_dir, monkeypatch, capsys):
+    """`--engine torch --threads N` runs the command on N torch threads and leaves torch's
+    process-wide count as it found it, after an error too (main() runs in tests and notebooks
+    as well as in its own process)."""
+    from babyllama import chat
+    from babyllama.cli import main
+
+    seen, generate = [], chat.TorchEngine.generate
+
+    def spy(self, *a, **kw):
+        seen.append(torch.get_num_threads())
+        yield from generate(self, *a, **kw)
+
+    monkeypatch.setattr(chat.TorchEngine, "generate", spy)
+    before = torch.get_num_threads()   # 1: this module's fixture
+    cmd = ["generate", str(files[1][0]), "-z", str(data_dir / "tok512.bin"), "-t", "0",
+           "--engine", "torch", "--threads", str(before + 1)]
+    assert main([*cmd, "-i", "Once upon a time", "-n", "8"]) in (0, None)
+    assert seen == [before + 1] and torch.get_num_threads() == before
+    long = " ".join(["Once upon a time"] * 20)   # longer than the context, and no shift
+    assert main([*cmd, "-i", long, "-k", "0"]) == 1
+    assert "longer than the context" in capsys.readouterr().err
+    assert seen == [before + 1] * 2 and torch.get_num_threads() == before

@@ -18,9 +18,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import scaled_model
+from helpers import c_quantize, scaled_model
 
-from babyllama import fast_c
 from babyllama.config import PRESETS, ModelArgs, count_params
 from babyllama.export import choose_group_size, read_header, write_model
 from babyllama.fast_c import CLlama
@@ -443,19 +442,12 @@ def test_ex6_1_four_rows_at_a_time(tmp_path):
 
 
 def test_ex6_2_c_quantize_equals_numpy():
-    lib = fast_c.load_library()
-    lib.bl_quantize.argtypes = [np.ctypeslib.ndpointer(np.int8, flags="C_CONTIGUOUS"),
-                                np.ctypeslib.ndpointer(np.float32, flags="C_CONTIGUOUS"),
-                                np.ctypeslib.ndpointer(np.float32, flags="C_CONTIGUOUS"),
-                                ctypes.c_int, ctypes.c_int]
-    lib.bl_quantize.restype = None
     g = np.random.default_rng(5)
     for gs in (4, 32):
         x = g.standard_normal(256).astype(np.float32)
         x[:gs] = 0.0                                 # an all-zero group: scale 0, values 0
         x[gs] = 127 * 0.5 / 127                      # ties away from zero show up here
-        q, s = np.zeros(256, np.int8), np.zeros(256 // gs, np.float32)
-        lib.bl_quantize(q, s, x, 256, gs)
+        q, s = c_quantize(x, gs)
         q_ref, s_ref = quantize_rows(x, gs)
         assert np.array_equal(q, q_ref) and np.array_equal(s, s_ref)
 

@@ -17,7 +17,7 @@ import dataclasses
 
 import pytest
 import torch
-from helpers import scaled_model
+from helpers import scaled_model, torch_threads
 
 from babyllama.chat import TorchEngine
 from babyllama.config import ModelArgs
@@ -67,8 +67,6 @@ CASES = _cases()
 @pytest.fixture(scope="module")
 def engines(tmp_path_factory):
     """Per context length: a model and each engine over it (the same weights)."""
-    n_threads = torch.get_num_threads()
-    torch.set_num_threads(1)   # tiny matrices: more threads only wait on each other
     d, out = tmp_path_factory.mktemp("args"), {}
     for L in SEQ_LENS:
         # seed 0: greedy never meets BOS/EOS from these prompts, so every run is full length
@@ -76,8 +74,8 @@ def engines(tmp_path_factory):
         path = write_model(model, d / f"m{L}.bin", version=0)
         out[L] = dict(model=model, numpy=NumpyLlama.load(path), c=CLlama.load(path, threads=1),
                       torch=TorchEngine(model))
-    yield out
-    torch.set_num_threads(n_threads)
+    with torch_threads(1):
+        yield out
 
 
 def _reference(model, prompt: list[int], n_new: int, seq_len: int, n_keep: int) -> list[int]:

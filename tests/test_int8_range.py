@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fuzzing import tiny_weights, write_tiny
+from helpers import c_quantize
 
 from babyllama import fast_c
 from babyllama.config import ModelArgs
@@ -236,16 +237,8 @@ def test_activation_quantizers_stay_in_range_and_agree_on_subnormal_groups():
     """Activations too: with a subnormal max|x| the rounded scale can fall below max|x|/127,
     and x/scale rounds past 127 (NumPy would wrap to 66 or -128; C's conversion would be
     undefined). Both quantizers clip to [-127, 127] and give the same bytes."""
-    import ctypes
-
     from babyllama.inference_numpy import quantize_rows
 
-    lib = fast_c.load_library()
-    lib.bl_quantize.argtypes = [np.ctypeslib.ndpointer(np.int8, flags="C_CONTIGUOUS"),
-                                np.ctypeslib.ndpointer(np.float32, flags="C_CONTIGUOUS"),
-                                np.ctypeslib.ndpointer(np.float32, flags="C_CONTIGUOUS"),
-                                ctypes.c_int, ctypes.c_int]
-    lib.bl_quantize.restype = None
     x = np.zeros(4 * GS, np.float32)
     for g, k in enumerate((190, -190, 128, -128)):     # multiples of the smallest subnormal
         x[g * GS] = np.float32(k) * TINIEST
@@ -253,8 +246,7 @@ def test_activation_quantizers_stay_in_range_and_agree_on_subnormal_groups():
     with np.errstate(over="ignore", invalid="ignore"):
         unclipped = np.rint(x.reshape(-1, GS)[:, 0] / ref_scale)
     assert np.abs(unclipped).max() > 127        # the case is real: unclipped values leave int8
-    q, s = np.zeros(x.size, np.int8), np.zeros(x.size // GS, np.float32)
-    lib.bl_quantize(q, s, x, x.size, GS)
+    q, s = c_quantize(x, GS)
     q_np, s_np = quantize_rows(x, GS)
     assert np.array_equal(s, s_np)
     assert np.array_equal(q, q_np)

@@ -17,9 +17,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from babyllama import data as D
@@ -143,14 +145,11 @@ def cmd_export(a) -> None:
 
 
 def load_engine(path: str, engine: str, threads: int | None = None):
+    """An engine over the model file. `threads` is the C engine's own; torch's thread count
+    is a process global, which main() sets for one command only (torch_threads)."""
     if engine == "torch":   # anything from_pretrained reads: ckpt.pt, a HF dir, a .bin
-        from babyllama.model import Transformer
-
-        if threads:
-            import torch
-
-            torch.set_num_threads(threads)
         from babyllama.chat import TorchEngine
+        from babyllama.model import Transformer
 
         return TorchEngine(Transformer.from_pretrained(path))
     if engine == "numpy":
@@ -162,6 +161,23 @@ def load_engine(path: str, engine: str, threads: int | None = None):
 
         return CLlama.load(path, threads=threads)
     raise ValueError(f"unknown engine {engine!r}")
+
+
+@contextlib.contextmanager
+def torch_threads(a: argparse.Namespace) -> Iterator[None]:
+    """`--engine torch --threads N`: torch uses N threads for the command, then as many as
+    before (main() may run in a process that goes on, a test or a notebook)."""
+    if getattr(a, "engine", None) != "torch" or not getattr(a, "threads", None):
+        yield
+        return
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(a.threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
 
 
 def cmd_generate(a) -> None:
@@ -463,7 +479,8 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "command", None) == "tokenizer" and getattr(args, "action", "") == "train":
         args.out = args.out or str(tokenizer_paths(args.vocab)[0].with_suffix(""))
     try:
-        args.fn(args)
+        with torch_threads(args):
+            args.fn(args)
     except KeyboardInterrupt:
         return 130
     except (ValueError, OSError, RuntimeError) as e:
