@@ -65,6 +65,28 @@ def test_rows_mask_everything_but_the_answer(tok):
         D.request_rows(tok, 4, 32)
 
 
+def test_word_cached_encoder_gives_the_tokenizers_ids(tok):
+    enc = D.WordCachedEncoder(tok)
+    assert enc.exact   # sentencepiece pieces have no space after their first character
+    texts = [t for req, story in generate_requests(300, seed=2)
+             for t in (render_turn(req.text), story)]
+    texts += ["", "a", " lead", "trail ", "two  spaces", "x\u2581y", "new\nline here", "é ü"]
+    for t in texts:
+        for bos, eos in ((True, False), (False, True)):
+            assert enc.encode(t, bos, eos) == tok.encode(t, bos, eos), repr(t)
+    assert len(enc.words) < 2000   # words are remembered, not whole texts
+    # a vocabulary with a piece that spans a space: words may merge, so no per-word cache
+    one = [w for w in ("the", "a", "was", "and", "to", "he", "she", "it")
+           if len(tok.encode(w, bos=False)) == 1][:2]   # words that are one piece each
+    assert len(one) == 2
+    joined = b"".join(tok.pieces[tok.encode(w, bos=False)[0]] for w in one)   # b" the a"
+    odd = Tokenizer(tok.pieces + [joined], tok.scores + [1e9])
+    wide = D.WordCachedEncoder(odd)
+    assert not wide.exact
+    text = f"so {one[0]} {one[1]} end"
+    assert wide.encode(text) == odd.encode(text) != tok.encode(text)   # the merge happened
+
+
 def test_head_steps_train_on_the_first_answer_tokens_only(tok):
     """A head step picks the same rows as a full step and keeps, of each, the targets of its
     first `head` answer tokens (the restating opening), cut to the longest; head_share 0 or
