@@ -104,3 +104,35 @@ def test_torch_engine_is_lazy_and_shares_the_sampler(monkeypatch):
     assert calls == []
     first = next(ids)
     assert calls == [0] and len(drawn) == 1 and first == int(np.argmax(drawn[0]))
+
+
+def readme_commands() -> list[list[str]]:
+    """The `babyllama` command lines of README.md's bash blocks (torchrun's after `-m`)."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    lines = [ln for block in re.findall(r"```bash\n(.*?)```", text, re.S)
+             for ln in block.splitlines()]
+    cmds = []
+    for ln in lines:
+        argv = shlex.split(ln, comments=True)
+        if "babyllama" in argv and argv[0] in ("babyllama", "torchrun"):
+            cmds.append(argv[argv.index("babyllama") + 1:])
+    return cmds
+
+
+def test_readme_commands_parse_and_bound_their_training(tmp_path, monkeypatch):
+    """Pasted as written, every README command line is one the CLI accepts (no `a|b` shell
+    pipes, no stale flag), and none trains for TrainConfig's default 600 iterations of 32."""
+    from babyllama.cli import build_parser
+
+    cmds = readme_commands()
+    assert len(cmds) >= 12 and any(c[0] == "finetune" for c in cmds)
+    monkeypatch.chdir(tmp_path)   # `export ... OUT` probes its output directory while parsing
+    parser = build_parser()
+    for argv in cmds:
+        a = parser.parse_args(argv)
+        if a.command == "train":
+            assert a.resume or (a.max_iters is not None and a.batch_size is not None), argv
