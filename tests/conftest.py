@@ -53,11 +53,14 @@ def stories_sample(data_dir) -> list[str]:
 def trained(data_dir, tmp_path_factory) -> Path:
     """A "book" model trained for 150 short steps: it already writes story-like text. Its thread
     count is pinned (train() sets every other torch global it depends on), so the weights, and
-    the stories the parity tests sample from them, do not depend on which tests ran first."""
+    the stories the parity tests sample from them, do not depend on which tests ran first.
+    One thread: this model's matrices are too small for a second one to pay for its
+    synchronisation on a 2-core machine (150 steps took 146 s with 1 thread, 679 s with 2, both
+    under the same load; ~4.5 minutes with 2 on a quiet CI machine)."""
     from babyllama.train import TrainConfig, train
 
     out = tmp_path_factory.mktemp("trained")
     cfg = TrainConfig(preset="book", out_dir=str(out), data_dir=str(data_dir), max_iters=150,
                       batch_size=8, eval_interval=0, eval_iters=2,
-                      warmup_iters=10, progress=False, threads=2)
+                      warmup_iters=10, progress=False, threads=1)
     return train(cfg)
