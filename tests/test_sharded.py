@@ -218,10 +218,10 @@ def test_unwritable_output_leaves_nothing(sharded, tmp_path):
 # a big checkpoint, converted in bounded memory
 
 # Its largest tensors (the embedding and the untied output: 33 MB each) dwarf what the
-# interpreter's own memory varies by between two conversions (well under 1 MB), and the whole
-# checkpoint is four times one of them: a converter that held it all would need twice the bound
-# (2 x the largest tensor) that a tensor-by-tensor one stays under. (The same test on a 519 MB
-# checkpoint, 131 MB tensors, measured the same ratios: 1.00x for v0, 1.36x for q8_0.)
+# interpreter's own peak varies by between two conversions (0.16 MB over three runs), and the
+# whole checkpoint is four times one of them: a converter that held it all would need twice the
+# bound (2 x the largest tensor) that a tensor-by-tensor one stays under. Measured here: 1.11x
+# for v0, 1.40x for q8_0 (on a 519 MB checkpoint with 131 MB tensors: 1.00x and 1.36x).
 BIG = ModelArgs(dim=512, n_layers=5, n_heads=8, vocab_size=16000, max_seq_len=64,
                 hidden_dim=1408)
 # VmHWM: this process's peak RSS since exec (ru_maxrss would include the forking parent's)
