@@ -4,6 +4,9 @@ Everything is made here, offline, from the built-in story generator."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -64,3 +67,24 @@ def trained(data_dir, tmp_path_factory) -> Path:
                       batch_size=8, eval_interval=0, eval_iters=2,
                       warmup_iters=10, progress=False, threads=1)
     return train(cfg)
+
+
+@pytest.fixture(scope="session")
+def asan_cli(tmp_path_factory) -> Path:
+    """The C CLI built with AddressSanitizer + UBSan, once a session (test_fast_c.py and
+    test_fuzz.py both run it); skips when the compiler has no sanitizer runtime."""
+    from babyllama import fast_c
+
+    cc = os.environ.get("CC") or shutil.which("cc") or "gcc"
+    d = tmp_path_factory.mktemp("asan")
+    if subprocess.run([cc, "-fsanitize=address,undefined", "-x", "c", "-", "-o",
+                       str(d / "probe")], input="int main(void){return 0;}",
+                      text=True, capture_output=True).returncode != 0:
+        pytest.skip("this compiler has no AddressSanitizer/UBSan runtime")
+    csrc = Path(fast_c.__file__).resolve().parents[2] / "csrc"
+    exe = d / "run-asan"
+    srcs = [str(csrc / f) for f in ("run.c", *fast_c.LIB_SOURCES)]
+    subprocess.run([cc, "-std=c11", "-O1", "-g", "-fsanitize=address,undefined",
+                    "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", *srcs, "-o",
+                    str(exe), "-lm"], check=True)
+    return exe
