@@ -1,4 +1,5 @@
-"""Shared fixtures: a small corpus, its tokenizer and shards, and a briefly trained model.
+"""Shared fixtures: a small corpus, its tokenizer and shards, a briefly trained model, and the
+C CLI built with AddressSanitizer + UBSan.
 
 Everything is made here, offline, from the built-in story generator."""
 
