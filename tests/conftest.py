@@ -1,9 +1,13 @@
-"""Shared fixtures: a small corpus, its tokenizer and shards, and a briefly trained model.
+"""Shared fixtures: a small corpus, its tokenizer and shards, a briefly trained model, and the
+C CLI built with AddressSanitizer + UBSan.
 
 Everything is made here, offline, from the built-in story generator."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -53,11 +57,35 @@ def stories_sample(data_dir) -> list[str]:
 def trained(data_dir, tmp_path_factory) -> Path:
     """A "book" model trained for 150 short steps: it already writes story-like text. Its thread
     count is pinned (train() sets every other torch global it depends on), so the weights, and
-    the stories the parity tests sample from them, do not depend on which tests ran first."""
+    the stories the parity tests sample from them, do not depend on which tests ran first.
+    One thread: this model's matrices are too small for a second one to pay for its
+    synchronisation on a 2-core machine (150 steps took 146 s with 1 thread, 679 s with 2, both
+    under the same load; ~4.5 minutes with 2 on a quiet CI machine)."""
     from babyllama.train import TrainConfig, train
 
     out = tmp_path_factory.mktemp("trained")
     cfg = TrainConfig(preset="book", out_dir=str(out), data_dir=str(data_dir), max_iters=150,
                       batch_size=8, eval_interval=0, eval_iters=2,
-                      warmup_iters=10, progress=False, threads=2)
+                      warmup_iters=10, progress=False, threads=1)
     return train(cfg)
+
+
+@pytest.fixture(scope="session")
+def asan_cli(tmp_path_factory) -> Path:
+    """The C CLI built with AddressSanitizer + UBSan, once a session (test_fast_c.py and
+    test_fuzz.py both run it); skips when the compiler has no sanitizer runtime."""
+    from babyllama import fast_c
+
+    cc = os.environ.get("CC") or shutil.which("cc") or "gcc"
+    d = tmp_path_factory.mktemp("asan")
+    if subprocess.run([cc, "-fsanitize=address,undefined", "-x", "c", "-", "-o",
+                       str(d / "probe")], input="int main(void){return 0;}",
+                      text=True, capture_output=True).returncode != 0:
+        pytest.skip("this compiler has no AddressSanitizer/UBSan runtime")
+    csrc = Path(fast_c.__file__).resolve().parents[2] / "csrc"
+    exe = d / "run-asan"
+    srcs = [str(csrc / f) for f in ("run.c", *fast_c.LIB_SOURCES)]
+    subprocess.run([cc, "-std=c11", "-O1", "-g", "-fsanitize=address,undefined",
+                    "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", *srcs, "-o",
+                    str(exe), "-lm"], check=True)
+    return exe

@@ -31,7 +31,8 @@ def test_bench_prints_tables_and_saves_plot(data_dir, tmp_path, capsys):
         shutil.copy(ROOT / "csrc" / "run", fake / name)
     out = tmp_path / "results"
     rc = bench.main(["--shapes", "stories260K", "--prompt", "4", "--gen", "4", "--threads", "2",
-                     "--steps", "24", "--llama2c", str(fake), "--out", str(out),
+                     "--steps", "24", "--repeats", "1", "--prefill-prompt", "16",
+                     "--llama2c", str(fake), "--out", str(out),
                      "--tokenizer", str(data_dir / "tok512.bin")])
     assert rc == 0
     text = capsys.readouterr().out

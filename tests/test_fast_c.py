@@ -299,17 +299,9 @@ def test_makefile_rebuilds_when_flags_change(tmp_path, model_files, data_dir):
     assert "without OpenMP" not in build_and_run()
 
 
-def test_sanitizers_clean(tmp_path, model_files, data_dir):
+def test_sanitizers_clean(tmp_path, model_files, data_dir, asan_cli):
     """ASan + UBSan build of the CLI: valid generation, truncated and corrupted files."""
-    if subprocess.run([_cc(), "-fsanitize=address,undefined", "-x", "c", "-", "-o",
-                       str(tmp_path / "probe")], input="int main(void){return 0;}",
-                      text=True, capture_output=True).returncode != 0:
-        pytest.skip("this compiler has no AddressSanitizer/UBSan runtime")
-    exe = tmp_path / "run-asan"
-    srcs = [str(CSRC / f) for f in ("run.c", *fast_c.LIB_SOURCES)]
-    subprocess.run([_cc(), "-std=c11", "-O1", "-g", "-fsanitize=address,undefined",
-                    "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", *srcs, "-o",
-                    str(exe), "-lm"], check=True)
+    exe = asan_cli
     env = {**os.environ, "ASAN_OPTIONS": "detect_leaks=1", "UBSAN_OPTIONS": "print_stacktrace=1"}
     tok = str(data_dir / "tok512.bin")
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import struct
 import subprocess
 import sys
@@ -183,17 +182,8 @@ def test_fuzz_cli(corpus, cli):
 # ----------------------------------------------------------------------------------------------
 # AddressSanitizer + UndefinedBehaviorSanitizer: a subset of the files, and the sampler's edges
 
-def test_fuzz_under_sanitizers(corpus, tmp_path):
-    cc = os.environ.get("CC") or shutil.which("cc") or "gcc"
-    if subprocess.run([cc, "-fsanitize=address,undefined", "-x", "c", "-", "-o",
-                       str(tmp_path / "probe")], input="int main(void){return 0;}",
-                      text=True, capture_output=True).returncode != 0:
-        pytest.skip("this compiler has no AddressSanitizer/UBSan runtime")
-    exe = tmp_path / "run-asan"
-    srcs = [str(CSRC / f) for f in ("run.c", *fast_c.LIB_SOURCES)]
-    subprocess.run([cc, "-std=c11", "-O1", "-g", "-fsanitize=address,undefined",
-                    "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", *srcs, "-o",
-                    str(exe), "-lm"], check=True)
+def test_fuzz_under_sanitizers(corpus, tmp_path, asan_cli):
+    exe = asan_cli   # built once a session (conftest.py)
     env = {**os.environ, "ASAN_OPTIONS": "detect_leaks=1", "UBSAN_OPTIONS": "print_stacktrace=1"}
     d, tok12 = corpus["dir"], corpus["tok12"]
 
