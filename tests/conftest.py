@@ -5,9 +5,6 @@ Everything is made here, offline, from the built-in story generator."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -72,20 +69,9 @@ def trained(data_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def asan_cli(tmp_path_factory) -> Path:
-    """The C CLI built with AddressSanitizer + UBSan, once a session (test_fast_c.py and
-    test_fuzz.py both run it); skips when the compiler has no sanitizer runtime."""
-    from babyllama import fast_c
+    """The C CLI built with AddressSanitizer + UBSan, once a session (helpers.sanitizer_cli,
+    shared with test_context_shift and test_chat); skips when the compiler has no sanitizer
+    runtime."""
+    from helpers import sanitizer_cli
 
-    cc = os.environ.get("CC") or shutil.which("cc") or "gcc"
-    d = tmp_path_factory.mktemp("asan")
-    if subprocess.run([cc, "-fsanitize=address,undefined", "-x", "c", "-", "-o",
-                       str(d / "probe")], input="int main(void){return 0;}",
-                      text=True, capture_output=True).returncode != 0:
-        pytest.skip("this compiler has no AddressSanitizer/UBSan runtime")
-    csrc = Path(fast_c.__file__).resolve().parents[2] / "csrc"
-    exe = d / "run-asan"
-    srcs = [str(csrc / f) for f in ("run.c", *fast_c.LIB_SOURCES)]
-    subprocess.run([cc, "-std=c11", "-O1", "-g", "-fsanitize=address,undefined",
-                    "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", *srcs, "-o",
-                    str(exe), "-lm"], check=True)
-    return exe
+    return sanitizer_cli(tmp_path_factory)
