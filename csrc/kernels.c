@@ -244,19 +244,6 @@ static void row_q80(float *out, int ldo, const bl_qtensor *x, const int8_t *wq, 
 }
 
 #if defined(BL_QDOT8)
-/* acc + the 32 products w * x summed in fours, with uw = |w| computed once per weight vector
- * and shared by every token of a tile (the sign trick of simd.h: only x takes w's sign) */
-static inline __m256i dot32_abs(__m256i acc, __m256i uw, __m256i w, __m256i x) {
-    __m256i sx = _mm256_sign_epi8(x, w);
-#if BL_SIMD_PATH == BL_PATH_vnni && defined(__AVXVNNI__)
-    return _mm256_dpbusd_avx_epi32(acc, uw, sx);
-#elif BL_SIMD_PATH == BL_PATH_vnni
-    return _mm256_dpbusd_epi32(acc, uw, sx);
-#else
-    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(uw, sx), _mm256_set1_epi16(1)));
-#endif
-}
-
 /* out[t * ldo + r] = row r of w . token t of x for 2 rows and nt <= 3 tokens, each pair's
  * float sum exactly as qdot computes it: eight groups' exact int32 sums at a time, scaled by
  * (ival * ws) * xs, then added one by one in group order. A 32-byte step loads 2 weight and

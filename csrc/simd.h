@@ -185,9 +185,11 @@ static inline int32_t idot(const int8_t *a, const int8_t *b, int gs) {
  * one, so the float result is the same as group by group. */
 #if defined(BL_AVX2) && (BL_SIMD_PATH == BL_PATH_avx2 || BL_SIMD_PATH == BL_PATH_vnni)
 #define BL_QDOT8 1
-/* acc + the 32 products w * x, summed in fours into acc's 8 int32 lanes (sign trick) */
-static inline __m256i dot32_i8(__m256i acc, __m256i w, __m256i x) {
-    __m256i uw = _mm256_sign_epi8(w, w), sx = _mm256_sign_epi8(x, w);
+/* acc + the 32 products w * x summed in fours into acc's 8 int32 lanes, given uw = |w| (the
+ * sign trick: only x takes w's sign). A tile computes |w| once per weight vector and shares
+ * it across its tokens. */
+static inline __m256i dot32_abs(__m256i acc, __m256i uw, __m256i w, __m256i x) {
+    __m256i sx = _mm256_sign_epi8(x, w);
 #if BL_SIMD_PATH == BL_PATH_vnni && defined(__AVXVNNI__)
     return _mm256_dpbusd_avx_epi32(acc, uw, sx);
 #elif BL_SIMD_PATH == BL_PATH_vnni
@@ -195,6 +197,11 @@ static inline __m256i dot32_i8(__m256i acc, __m256i w, __m256i x) {
 #else
     return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(uw, sx), _mm256_set1_epi16(1)));
 #endif
+}
+
+/* acc + the 32 products w * x, summed in fours into acc's 8 int32 lanes */
+static inline __m256i dot32_i8(__m256i acc, __m256i w, __m256i x) {
+    return dot32_abs(acc, _mm256_sign_epi8(w, w), w, x);
 }
 
 /* lane k of the result = the sum of v[k]'s 8 lanes */
