@@ -24,12 +24,12 @@ typedef struct {
     float *x, *xb, *xb2, *q, *k, *v, *hb, *hb2;   /* (B, dim), ... (B, kv_dim), (B, hidden_dim) */
     int8_t *xq;                                   /* Q8_0 activations (B, max(dim, hidden_dim)) */
     float *xs;                                    /* and their scales */
-    double *att, *acc;                            /* per thread: (seq_len,), (head_size,) */
+    double *att, *qd;                             /* per thread: (seq_len,), (head_size,) */
 } Scratch;
 
 static void scratch_free(Scratch *s) {
     free(s->x); free(s->xb); free(s->xb2); free(s->q); free(s->k); free(s->v);
-    free(s->hb); free(s->hb2); free(s->xq); free(s->xs); free(s->att); free(s->acc);
+    free(s->hb); free(s->hb2); free(s->xq); free(s->xs); free(s->att); free(s->qd);
 }
 
 static int scratch_alloc(bl_model *m, Scratch *s, int B) {
@@ -49,9 +49,9 @@ static int scratch_alloc(bl_model *m, Scratch *s, int B) {
     s->xq = malloc(B * big);
     s->xs = malloc(B * (big / gs) * sizeof(float));
     s->att = malloc((size_t)m->threads * c->seq_len * sizeof(double));
-    s->acc = malloc((size_t)m->threads * hs * sizeof(double));
+    s->qd = malloc((size_t)m->threads * hs * sizeof(double));
     if (!s->x || !s->xb || !s->xb2 || !s->q || !s->k || !s->v || !s->hb || !s->hb2 || !s->xq ||
-        !s->xs || !s->att || !s->acc) {
+        !s->xs || !s->att || !s->qd) {
         scratch_free(s);
         return bl_fail(m->err, sizeof m->err, BL_ERR_NOMEM, "out of memory for a prefill block of %d tokens", B);
     }
@@ -97,7 +97,7 @@ static void attention_block(bl_model *m, Scratch *s, int l, const float *q, floa
         size_t off = (size_t)t * c->dim + (size_t)h * head_size;
         const float *kh = kcache + (h / kv_mul) * hstride, *vh = vcache + (h / kv_mul) * hstride;
         attend(out + off, q + off, kh, vh, pos + t, head_size, s->att + (size_t)me * c->seq_len,
-               s->acc + (size_t)me * head_size);
+               s->qd + (size_t)me * head_size);
     }
 }
 
