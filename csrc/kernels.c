@@ -17,6 +17,7 @@
 #include <stddef.h>
 #include <stdio.h>
 #include <stdint.h>
+#include <string.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -366,9 +367,51 @@ double bl_fork_join_seconds(int threads, int reps) {
 #endif
 }
 
+#if defined(BL_AVX2)
+/* One group (gs a multiple of 8) as bl_quantize's loop below computes it, bit for bit, 8 values
+ * a step: max|x|, then round half away from zero as trunc(v) + sign(v) where |v - trunc(v)|
+ * >= 0.5 (both exact in float), clipped. Returns 0, having written nothing, for a group that
+ * holds a NaN: the loop below then does it. */
+static int quantize_group8(int8_t *q, float *s, const float *x, int gs) {
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    __m256 mx = _mm256_setzero_ps(), nan = _mm256_setzero_ps();
+    for (int k = 0; k < gs; k += 8) {
+        __m256 v = _mm256_and_ps(_mm256_loadu_ps(x + k), absmask);
+        nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+        mx = _mm256_max_ps(mx, v);
+    }
+    if (_mm256_movemask_ps(nan)) return 0;
+    float m[8], wmax = 0.0f;
+    _mm256_storeu_ps(m, mx);
+    for (int k = 0; k < 8; k++) wmax = m[k] > wmax ? m[k] : wmax;
+    float scale = wmax / 127.0f;
+    *s = scale;
+    if (scale == 0.0f || !isfinite(scale)) {
+        memset(q, 0, (size_t)gs);
+        return 1;
+    }
+    const __m256 sc = _mm256_set1_ps(scale), half = _mm256_set1_ps(0.5f), one = _mm256_set1_ps(1.0f);
+    const __m256 lim = _mm256_set1_ps(127.0f), sign = _mm256_set1_ps(-0.0f);
+    for (int k = 0; k < gs; k += 8) {
+        __m256 v = _mm256_div_ps(_mm256_loadu_ps(x + k), sc);
+        __m256 t = _mm256_round_ps(v, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+        __m256 away = _mm256_cmp_ps(_mm256_and_ps(_mm256_sub_ps(v, t), absmask), half, _CMP_GE_OQ);
+        __m256 r = _mm256_add_ps(t, _mm256_and_ps(away, _mm256_or_ps(one, _mm256_and_ps(v, sign))));
+        r = _mm256_min_ps(_mm256_max_ps(r, _mm256_sub_ps(_mm256_setzero_ps(), lim)), lim);
+        __m256i i32 = _mm256_cvtps_epi32(r);   /* whole numbers: exact */
+        __m128i i16 = _mm_packs_epi32(_mm256_castsi256_si128(i32), _mm256_extracti128_si256(i32, 1));
+        _mm_storel_epi64((__m128i *)(q + k), _mm_packs_epi16(i16, i16));
+    }
+    return 1;
+}
+#endif
+
 void bl_quantize(int8_t *q, float *s, const float *x, int n, int gs) {
     for (int g = 0; g < n / gs; g++) {
         const float *xg = x + (size_t)g * gs;
+#if defined(BL_AVX2)
+        if (gs % 8 == 0 && quantize_group8(q + (size_t)g * gs, s + g, xg, gs)) continue;
+#endif
         float wmax = 0.0f;
         for (int k = 0; k < gs; k++) {
             float v = fabsf(xg[k]);

@@ -68,8 +68,10 @@ static void matmats(bl_model *m, Scratch *s, const float *x, int T, int n, int c
     if (w[0]->f) {
         bl_matmats_f32(jobs, count, x, T, n, threads);
     } else {
-        int gs = m->c.group_size;
-        for (int t = 0; t < T; t++)
+        int gs = m->c.group_size, t;
+        (void)threads;
+#pragma omp parallel for schedule(static) num_threads(threads) if ((long)T * n >= 1 << 15)
+        for (t = 0; t < T; t++)
             bl_quantize(s->xq + (size_t)t * n, s->xs + (size_t)t * (n / gs), x + (size_t)t * n, n, gs);
         bl_qtensor xq = {s->xq, s->xs};
         bl_matmats_q80(jobs, count, &xq, T, n, gs, threads);
@@ -145,7 +147,11 @@ static void forward_block(bl_model *m, Scratch *s, const int *tokens, int T, int
             rmsnorm(s->xb + (size_t)t * dim, s->x + (size_t)t * dim, w->ffn_norm, dim);
         matmats(m, s, s->xb, T, dim, 2, (float *const[]){s->hb, s->hb2},
                 (const bl_mat *const[]){&w->w1, &w->w3}, (const int[]){hidden_dim, hidden_dim});
-        silu_mul(s->hb, s->hb2, T * hidden_dim);
+        int t, threads = work_threads(m, T);
+        (void)threads;
+#pragma omp parallel for schedule(static) num_threads(threads) if ((long)T * hidden_dim >= 1 << 15)
+        for (t = 0; t < T; t++)
+            silu_mul(s->hb + (size_t)t * hidden_dim, s->hb2 + (size_t)t * hidden_dim, hidden_dim);
         matmats(m, s, s->hb, T, hidden_dim, 1, (float *const[]){s->xb}, (const bl_mat *const[]){&w->w2},
                 (const int[]){dim});
         for (size_t i = 0; i < (size_t)T * dim; i++) s->x[i] += s->xb[i];

@@ -180,9 +180,9 @@ static inline int32_t idot(const int8_t *a, const int8_t *b, int gs) {
 
 /* The sum over a row's groups of ((float)ival_g * ws[g]) * xs[g], added in group order, for
  * weights w and activations x (ngroups * gs int8 each). On avx2/vnni, eight groups are summed at
- * a time and their eight int32 totals reduced together (one transpose-and-add instead of eight
- * horizontal sums), scaled with two vector multiplies; the eight terms are then added one by
- * one, so the float result is the same as group by group. */
+ * a time (the last block of a row: fewer) and their eight int32 totals reduced together (one
+ * transpose-and-add instead of eight horizontal sums), scaled with two vector multiplies; the
+ * terms are then added one by one, so the float result is the same as group by group. */
 #if defined(BL_AVX2) && (BL_SIMD_PATH == BL_PATH_avx2 || BL_SIMD_PATH == BL_PATH_vnni)
 #define BL_QDOT8 1
 /* acc + the 32 products w * x summed in fours into acc's 8 int32 lanes, given uw = |w| (the
@@ -218,21 +218,24 @@ static inline float qdot(const int8_t *x, const float *xs, const int8_t *w, cons
     int g = 0;
 #if defined(BL_QDOT8)
     if (gs % 32 == 0) {
-        for (; g + 8 <= ngroups; g += 8) {
+        for (; g < ngroups; g += 8) {   /* the last block may hold fewer than 8 groups: m */
+            int m = ngroups - g < 8 ? ngroups - g : 8;
             __m256i acc[8];
             for (int k = 0; k < 8; k++) {
                 const int8_t *xg = x + (size_t)(g + k) * gs, *wg = w + (size_t)(g + k) * gs;
                 __m256i a = _mm256_setzero_si256();
-                for (int j = 0; j < gs; j += 32)
+                for (int j = 0; k < m && j < gs; j += 32)
                     a = dot32_i8(a, _mm256_loadu_si256((const __m256i *)(wg + j)),
                                  _mm256_loadu_si256((const __m256i *)(xg + j)));
                 acc[k] = a;
             }
-            __m256 t = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(hsum8_epi32(acc)), _mm256_loadu_ps(ws + g)),
-                                     _mm256_loadu_ps(xs + g));
+            /* the scales of the m groups (masked lanes are not read) */
+            __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(m), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+            __m256 t = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(hsum8_epi32(acc)), _mm256_maskload_ps(ws + g, mask)),
+                                     _mm256_maskload_ps(xs + g, mask));
             float f[8];
             _mm256_storeu_ps(f, t);
-            for (int k = 0; k < 8; k++) val += f[k];
+            for (int k = 0; k < m; k++) val += f[k];
         }
     }
 #endif

@@ -81,6 +81,21 @@ def test_prefill_equals_token_by_token(files, name, version, threads):
 
 
 @pytest.mark.parametrize("version", [0, 2])
+def test_prefill_is_token_by_token_bit_for_bit(files, version):
+    """Each (row, token) sum of the prefill tiles (kernels.c) runs in the matvec's order and
+    attention is the same function, so the logits are equal, not just close: 70 tokens (a last
+    token tile of 4 fp32 / 2 int8), rows at the tiles' edges (vocab 301, 131; KV dim 20), at 1
+    and 2 threads."""
+    for name in ("gqa", "tails", "groups8"):
+        for threads in (1, 2):
+            e = CLlama.load(files[name, version], threads=threads)
+            toks = prompt(e.args.vocab_size, 70, seed=4)
+            ref = token_by_token(e, toks)
+            e.reset()
+            assert np.array_equal(e.forward_tokens(toks, 0), ref), (name, threads)
+
+
+@pytest.mark.parametrize("version", [0, 2])
 @pytest.mark.parametrize("name", list(SHAPES))
 def test_numpy_prefill_equals_c_prefill(files, name, version):
     n, c = NumpyLlama.load(files[name, version]), CLlama.load(files[name, version], threads=2)
@@ -221,6 +236,9 @@ def test_every_simd_path_gives_the_same_int8_results(tmp_path, files):
             for kind in ("prefill", "forward"):
                 assert np.array_equal(res[f"{kind}{i}"], base[f"{kind}{i}"]), (path, kind, i)
         assert np.abs(res["prefill4"] - base["prefill4"]).max() <= 1e-4, path
+    for path, res in [("portable", base), *results.items()]:   # the tiles keep the matvec's order
+        for i in range(5):
+            assert np.array_equal(res[f"prefill{i}"], res[f"forward{i}"]), (path, i)
 
 
 VNNI_FLAGS = [["-mavxvnni"], ["-mavx512vnni", "-mavx512vl"]]
