@@ -158,7 +158,8 @@ void bl_matmuls_q80(const bl_matvec *jobs, int njobs, const bl_qtensor *x, int n
  * (fp32: one 8-lane accumulator, then the scalar tail; Q8_0: qdot's), so a token's logits are
  * the same bits either way. */
 
-/* rows of a panel: about 64 KB of fp32 weights (at least one 4-row tile) */
+/* rows of a panel: about 64 KB of weights, a multiple of 4 (so the matvec's 4-row blocks and
+ * its last d % 4 rows, done one by one, fall the same way in a panel) */
 static int panel_rows(int n, int bytes_per_value) {
     int rows = (65536 / bytes_per_value / (n > 0 ? n : 1)) & ~3;
     return rows < 4 ? 4 : rows;
