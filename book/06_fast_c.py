@@ -553,8 +553,9 @@ else:
 #
 # `csrc/prefill.c` does this in blocks of up to 64 tokens. Its kernels (`bl_matmats_f32`,
 # `bl_matmats_q80` in `csrc/kernels.c`) keep a panel of weight rows in the L2 cache while all
-# the tokens pass over it, and inside the panel a 4-row × 3-token tile keeps 12 accumulators in
-# registers. Attention stays per token: token t of the block sees the KV cache up to its own
+# the tokens pass over it, and inside the panel a tile of rows × tokens keeps its sums in
+# registers (fp32: 2 rows × 6 tokens, 12 accumulators; int8: 2 rows × 4 tokens, the 8 pairs in
+# the lanes of one vector). Attention stays per token: token t of the block sees the KV cache up to its own
 # position (causal), which the block writes for all its tokens first. The classifier runs for
 # the last token only. Each (row, token) sum is added in the same order as the decoding
 # kernel's, so the logits are the very same numbers as token by token:

@@ -17,6 +17,7 @@
 #include <stddef.h>
 #include <stdio.h>
 #include <stdint.h>
+#include <string.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -150,72 +151,84 @@ void bl_matmuls_q80(const bl_matvec *jobs, int njobs, const bl_qtensor *x, int n
 /* ---------------------------------------------------------------------------------------- */
 /* matrix-matrix products for a batch of T tokens (prefill): out (T, d) = x (T, n) @ W^T.
  * A matvec reads every weight once per token from DRAM; here a panel of rows is read once and
- * kept in L2 while all T tokens pass over it, and inside a panel a 4-row x 3-token tile keeps
- * 12 accumulators in registers, so each loaded weight vector serves 3 tokens and each loaded
- * x vector 4 rows. Each (row, token) sum runs in the same order as in the matvec (one 8-lane
- * accumulator, then the scalar tail), so a token's logits are the same bits either way. */
+ * kept in L2 while all T tokens pass over it, and inside a panel a tile of rows x tokens keeps
+ * its sums in registers, so each loaded weight vector serves several tokens and each loaded
+ * x vector several rows. A tile at the edge of the tokens or rows repeats one of them (its
+ * extra results are not stored). Each (row, token) sum runs in the same order as in the matvec
+ * (fp32: one 8-lane accumulator, then the scalar tail; Q8_0: qdot's), so a token's logits are
+ * the same bits either way. */
 
-/* rows of a panel: about 64 KB of fp32 weights (at least one 4-row tile) */
+/* rows of a panel: about 64 KB of weights, a multiple of 4 (so the matvec's 4-row blocks and
+ * its last d % 4 rows, done one by one, fall the same way in a panel) */
 static int panel_rows(int n, int bytes_per_value) {
     int rows = (65536 / bytes_per_value / (n > 0 ? n : 1)) & ~3;
     return rows < 4 ? 4 : rows;
 }
 
-/* out[t * ldo + r] = w_r . x_t for 4 rows w (row stride n) and nt <= 3 tokens x (stride n) */
-static inline __attribute__((always_inline)) void tile_f32(float *out, int ldo, const float *x,
-                                                           const float *w, int n, int nt) {
+/* the fp32 tile: FR rows x FT tokens, 12 accumulators (AVX2 has 16 registers; measured on
+ * AMD Zen 3 against 4 x 3 and 3 x 4: 2 x 6 keeps both weight vectors in registers and takes
+ * x straight from L1 as the FMA's memory operand, 8 loads for 12 FMAs) */
+#define FR 2
+#define FT 6
+/* out[t * ldo + r] = w_r . x_t for FR rows w[r] and FT tokens x[t] */
+static inline __attribute__((always_inline)) void tile_f32(float *out, int ldo, const float *const x[FT],
+                                                           const float *const w[FR], int n, int nr, int nt) {
     int j = 0;
-    float s[3][4] = {{0}};
+    float s[FR][FT];
 #if defined(BL_AVX2)
-    __m256 a[3][4];
-    for (int t = 0; t < nt; t++)
-        for (int r = 0; r < 4; r++) a[t][r] = _mm256_setzero_ps();
+    __m256 a[FR][FT];
+    for (int r = 0; r < FR; r++)
+        for (int t = 0; t < FT; t++) a[r][t] = _mm256_setzero_ps();
     for (; j + 8 <= n; j += 8) {
-        __m256 wv[4];
-        for (int r = 0; r < 4; r++) wv[r] = _mm256_loadu_ps(w + (size_t)r * n + j);
-        for (int t = 0; t < nt; t++) {
-            __m256 xv = _mm256_loadu_ps(x + (size_t)t * n + j);
-            for (int r = 0; r < 4; r++) a[t][r] = _mm256_fmadd_ps(wv[r], xv, a[t][r]);
+        __m256 wv[FR];
+        for (int r = 0; r < FR; r++) wv[r] = _mm256_loadu_ps(w[r] + j);
+        for (int t = 0; t < FT; t++)
+            for (int r = 0; r < FR; r++) a[r][t] = _mm256_fmadd_ps(wv[r], _mm256_loadu_ps(x[t] + j), a[r][t]);
+    }
+    for (int r = 0; r < FR; r++)
+        for (int t = 0; t < FT; t++) s[r][t] = hsum256(a[r][t]);
+#elif defined(BL_NEON)
+    float32x4_t a[FR][FT];
+    for (int r = 0; r < FR; r++)
+        for (int t = 0; t < FT; t++) a[r][t] = vdupq_n_f32(0);
+    for (; j + 4 <= n; j += 4) {
+        float32x4_t wv[FR];
+        for (int r = 0; r < FR; r++) wv[r] = vld1q_f32(w[r] + j);
+        for (int t = 0; t < FT; t++) {
+            float32x4_t xv = vld1q_f32(x[t] + j);
+            for (int r = 0; r < FR; r++) a[r][t] = vfmaq_f32(a[r][t], wv[r], xv);
         }
     }
-    for (int t = 0; t < nt; t++)
-        for (int r = 0; r < 4; r++) s[t][r] = hsum256(a[t][r]);
-#elif defined(BL_NEON)
-    float32x4_t a[3][4];
-    for (int t = 0; t < nt; t++)
-        for (int r = 0; r < 4; r++) a[t][r] = vdupq_n_f32(0);
-    for (; j + 4 <= n; j += 4)
-        for (int t = 0; t < nt; t++) {
-            float32x4_t xv = vld1q_f32(x + (size_t)t * n + j);
-            for (int r = 0; r < 4; r++) a[t][r] = vfmaq_f32(a[t][r], vld1q_f32(w + (size_t)r * n + j), xv);
-        }
-    for (int t = 0; t < nt; t++)
-        for (int r = 0; r < 4; r++) s[t][r] = vaddvq_f32(a[t][r]);
+    for (int r = 0; r < FR; r++)
+        for (int t = 0; t < FT; t++) s[r][t] = vaddvq_f32(a[r][t]);
+#else
+    for (int r = 0; r < FR; r++)
+        for (int t = 0; t < FT; t++) s[r][t] = 0.0f;
 #endif
-    for (int t = 0; t < nt; t++)
-        for (int r = 0; r < 4; r++) {
-            for (int k = j; k < n; k++) s[t][r] += w[(size_t)r * n + k] * x[(size_t)t * n + k];
-            out[(size_t)t * ldo + r] = s[t][r];
+    for (int r = 0; r < nr; r++)
+        for (int t = 0; t < nt; t++) {
+            for (int k = j; k < n; k++) s[r][t] += w[r][k] * x[t][k];
+            out[(size_t)t * ldo + r] = s[r][t];
         }
 }
 
 /* rows [r0, r1) of one product for all T tokens */
 static void panel_f32(const bl_matvec *job, const float *x, int T, int n, int r0, int r1) {
     const float *w = job->w->f;
-    int d = job->d;
-    for (int t = 0; t < T; t += 3) {
-        int nt = T - t < 3 ? T - t : 3;
-        const float *xt = x + (size_t)t * n;
+    int d = job->d, r4 = r1 < d ? r1 : d / 4 * 4;   /* the matrix's last d % 4 rows: as rows4_f32 */
+    for (int t = 0; t < T; t += FT) {
+        int nt = T - t < FT ? T - t : FT;
+        const float *xt[FT];
+        for (int u = 0; u < FT; u++) xt[u] = x + (size_t)(t + (u < nt ? u : 0)) * n;
         float *ot = job->out + (size_t)t * d;
-        int r = r0;
-        for (; r + 4 <= r1; r += 4) {
-            const float *wr = w + (size_t)r * n;
-            if (nt == 3) tile_f32(ot + r, d, xt, wr, n, 3);   /* constant nt: fully unrolled */
-            else if (nt == 2) tile_f32(ot + r, d, xt, wr, n, 2);
-            else tile_f32(ot + r, d, xt, wr, n, 1);
+        for (int r = r0; r < r4; r += FR) {
+            int nr = r4 - r < FR ? r4 - r : FR;
+            const float *wr[FR];
+            for (int v = 0; v < FR; v++) wr[v] = w + (size_t)(r + (v < nr ? v : 0)) * n;
+            tile_f32(ot + r, d, xt, wr, n, nr, nt);
         }
-        for (; r < r1; r++)   /* the last rows of a matrix, as rows4_f32 does them */
-            for (int u = 0; u < nt; u++) ot[(size_t)u * d + r] = dot1_f32(xt + (size_t)u * n, w + (size_t)r * n, n);
+        for (int r = r4 > r0 ? r4 : r0; r < r1; r++)
+            for (int u = 0; u < nt; u++) ot[(size_t)u * d + r] = dot1_f32(xt[u], w + (size_t)r * n, n);
     }
 }
 
@@ -244,68 +257,43 @@ static void row_q80(float *out, int ldo, const bl_qtensor *x, const int8_t *wq, 
 }
 
 #if defined(BL_QDOT8)
-/* acc + the 32 products w * x summed in fours, with uw = |w| computed once per weight vector
- * and shared by every token of a tile (the sign trick of simd.h: only x takes w's sign) */
-static inline __m256i dot32_abs(__m256i acc, __m256i uw, __m256i w, __m256i x) {
-    __m256i sx = _mm256_sign_epi8(x, w);
-#if BL_SIMD_PATH == BL_PATH_vnni && defined(__AVXVNNI__)
-    return _mm256_dpbusd_avx_epi32(acc, uw, sx);
-#elif BL_SIMD_PATH == BL_PATH_vnni
-    return _mm256_dpbusd_epi32(acc, uw, sx);
-#else
-    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(uw, sx), _mm256_set1_epi16(1)));
-#endif
-}
-
-/* out[t * ldo + r] = row r of w . token t of x for 2 rows and nt <= 3 tokens, each pair's
- * float sum exactly as qdot computes it: eight groups' exact int32 sums at a time, scaled by
- * (ival * ws) * xs, then added one by one in group order. A 32-byte step loads 2 weight and
- * nt activation vectors for 2 * nt products (qdot loads 2 for 1), and |w| serves all nt tokens. */
-static inline __attribute__((always_inline)) void tile_q80(float *out, int ldo, const bl_qtensor *x,
-                                                           const int8_t *w, const float *ws, int nt,
-                                                           int n, int gs) {
-    int ngroups = n / gs, g = 0;
-    float val[2][3] = {{0}};
-    for (; g + 8 <= ngroups; g += 8) {
-        __m256i sums[2][3][8];
-        for (int k = 0; k < 8; k++) {
-            __m256i acc[2][3];
-            for (int r = 0; r < 2; r++)
-                for (int t = 0; t < nt; t++) acc[r][t] = _mm256_setzero_si256();
-            size_t off = (size_t)(g + k) * gs;
-            for (int j = 0; j < gs; j += 32) {
-                __m256i w0 = _mm256_loadu_si256((const __m256i *)(w + off + j));
-                __m256i w1 = _mm256_loadu_si256((const __m256i *)(w + (size_t)n + off + j));
-                __m256i u0 = _mm256_sign_epi8(w0, w0), u1 = _mm256_sign_epi8(w1, w1);
-                for (int t = 0; t < nt; t++) {
-                    __m256i xv = _mm256_loadu_si256((const __m256i *)(x->q + (size_t)t * n + off + j));
-                    acc[0][t] = dot32_abs(acc[0][t], u0, w0, xv);
-                    acc[1][t] = dot32_abs(acc[1][t], u1, w1, xv);
-                }
-            }
-            for (int r = 0; r < 2; r++)
-                for (int t = 0; t < nt; t++) sums[r][t][k] = acc[r][t];
+/* A 2-row x 4-token tile: the 8 (row, token) pairs in the 8 lanes of one float vector, lane
+ * r * 4 + t. Per group, the pairs' exact int32 sums (a 32-byte step loads 2 weight and 4
+ * activation vectors for 8 products, |w| shared by the 4 tokens) are reduced together by one
+ * transpose-and-add, and each lane adds ((float)ival * ws) * xs in group order: the same float
+ * operations as qdot, so every pair's result is qdot's to the bit. w[r] and x[t] point at the
+ * rows and tokens (a tile at the edge repeats one; its extra lanes are not stored). */
+static inline __attribute__((always_inline)) void tile_q80(float *out, int ldo, const int8_t *w0,
+                                                           const int8_t *w1, const float *ws0,
+                                                           const float *ws1, const int8_t *const x[4],
+                                                           const float *xs4, int nr, int nt, int n,
+                                                           int gs) {
+    int ngroups = n / gs;
+    const int8_t *x0 = x[0], *x1 = x[1], *x2 = x[2], *x3 = x[3];
+    __m256 val = _mm256_setzero_ps();
+    for (int g = 0; g < ngroups; g++) {
+        __m256i acc[8];
+        for (int p = 0; p < 8; p++) acc[p] = _mm256_setzero_si256();
+        for (int j = g * gs; j < (g + 1) * gs; j += 32) {
+            __m256i a = _mm256_loadu_si256((const __m256i *)(w0 + j)), ua = _mm256_sign_epi8(a, a);
+            __m256i b = _mm256_loadu_si256((const __m256i *)(w1 + j)), ub = _mm256_sign_epi8(b, b);
+            __m256i xv = _mm256_loadu_si256((const __m256i *)(x0 + j));
+            acc[0] = dot32_abs(acc[0], ua, a, xv), acc[4] = dot32_abs(acc[4], ub, b, xv);
+            xv = _mm256_loadu_si256((const __m256i *)(x1 + j));
+            acc[1] = dot32_abs(acc[1], ua, a, xv), acc[5] = dot32_abs(acc[5], ub, b, xv);
+            xv = _mm256_loadu_si256((const __m256i *)(x2 + j));
+            acc[2] = dot32_abs(acc[2], ua, a, xv), acc[6] = dot32_abs(acc[6], ub, b, xv);
+            xv = _mm256_loadu_si256((const __m256i *)(x3 + j));
+            acc[3] = dot32_abs(acc[3], ua, a, xv), acc[7] = dot32_abs(acc[7], ub, b, xv);
         }
-        for (int r = 0; r < 2; r++) {
-            __m256 wsv = _mm256_loadu_ps(ws + (size_t)r * ngroups + g);
-            for (int t = 0; t < nt; t++) {
-                __m256 xsv = _mm256_loadu_ps(x->s + (size_t)t * ngroups + g);
-                __m256 terms = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(hsum8_epi32(sums[r][t])), wsv), xsv);
-                float f[8];
-                _mm256_storeu_ps(f, terms);
-                for (int k = 0; k < 8; k++) val[r][t] += f[k];
-            }
-        }
+        __m256 wsv = _mm256_set_m128(_mm_broadcast_ss(ws1 + g), _mm_broadcast_ss(ws0 + g));
+        __m256 xsv = _mm256_broadcast_ps((const __m128 *)(xs4 + 4 * (size_t)g));
+        val = _mm256_add_ps(val, _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(hsum8_epi32(acc)), wsv), xsv));
     }
-    for (int r = 0; r < 2; r++)   /* the last groups, one by one as qdot ends */
-        for (int t = 0; t < nt; t++) {
-            const int8_t *wr = w + (size_t)r * n, *xt = x->q + (size_t)t * n;
-            const float *wsr = ws + (size_t)r * ngroups, *xst = x->s + (size_t)t * ngroups;
-            float v = val[r][t];
-            for (int h = g; h < ngroups; h++)
-                v += ((float)idot(xt + (size_t)h * gs, wr + (size_t)h * gs, gs) * wsr[h]) * xst[h];
-            out[(size_t)t * ldo + r] = v;
-        }
+    float f[8];
+    _mm256_storeu_ps(f, val);
+    for (int r = 0; r < nr; r++)
+        for (int t = 0; t < nt; t++) out[(size_t)t * ldo + r] = f[r * 4 + t];
 }
 #endif
 
@@ -315,19 +303,21 @@ static void panel_q80(const bl_matvec *j, const bl_qtensor *x, int T, int n, int
     const bl_qtensor *w = &j->w->q;
 #if defined(BL_QDOT8)
     if (gs % 32 == 0) {
-        for (int t = 0; t < T; t += 3) {
-            int nt = T - t < 3 ? T - t : 3;
-            bl_qtensor xt = {x->q + (size_t)t * n, x->s + (size_t)t * ngroups};
-            float *ot = j->out + (size_t)t * j->d;
-            int r = r0;
-            for (; r + 2 <= r1; r += 2) {
-                const int8_t *wq = w->q + (size_t)r * n;
-                const float *ws = w->s + (size_t)r * ngroups;
-                if (nt == 3) tile_q80(ot + r, j->d, &xt, wq, ws, 3, n, gs);   /* constant nt: unrolled */
-                else if (nt == 2) tile_q80(ot + r, j->d, &xt, wq, ws, 2, n, gs);
-                else tile_q80(ot + r, j->d, &xt, wq, ws, 1, n, gs);
+        float xs4[ngroups][4];   /* the tile's activation scales, group by group (<= n / 2 bytes) */
+        for (int t = 0; t < T; t += 4) {
+            int nt = T - t < 4 ? T - t : 4;
+            const int8_t *xt[4];
+            for (int u = 0; u < 4; u++) {   /* past the last token: the first again */
+                int tu = t + (u < nt ? u : 0);
+                xt[u] = x->q + (size_t)tu * n;
+                for (int g = 0; g < ngroups; g++) xs4[g][u] = x->s[(size_t)tu * ngroups + g];
             }
-            if (r < r1) row_q80(ot + r, j->d, &xt, w->q + (size_t)r * n, w->s + (size_t)r * ngroups, nt, n, gs);
+            float *ot = j->out + (size_t)t * j->d;
+            for (int r = r0; r < r1; r += 2) {
+                int nr = r1 - r < 2 ? r1 - r : 2, r2 = r + nr - 1;
+                tile_q80(ot + r, j->d, w->q + (size_t)r * n, w->q + (size_t)r2 * n, w->s + (size_t)r * ngroups,
+                         w->s + (size_t)r2 * ngroups, xt, &xs4[0][0], nr, nt, n, gs);
+            }
         }
         return;
     }
@@ -378,9 +368,51 @@ double bl_fork_join_seconds(int threads, int reps) {
 #endif
 }
 
+#if defined(BL_AVX2)
+/* One group (gs a multiple of 8) as bl_quantize's loop below computes it, bit for bit, 8 values
+ * a step: max|x|, then round half away from zero as trunc(v) + sign(v) where |v - trunc(v)|
+ * >= 0.5 (both exact in float), clipped. Returns 0, having written nothing, for a group that
+ * holds a NaN: the loop below then does it. */
+static int quantize_group8(int8_t *q, float *s, const float *x, int gs) {
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    __m256 mx = _mm256_setzero_ps(), nan = _mm256_setzero_ps();
+    for (int k = 0; k < gs; k += 8) {
+        __m256 v = _mm256_and_ps(_mm256_loadu_ps(x + k), absmask);
+        nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+        mx = _mm256_max_ps(mx, v);
+    }
+    if (_mm256_movemask_ps(nan)) return 0;
+    float m[8], wmax = 0.0f;
+    _mm256_storeu_ps(m, mx);
+    for (int k = 0; k < 8; k++) wmax = m[k] > wmax ? m[k] : wmax;
+    float scale = wmax / 127.0f;
+    *s = scale;
+    if (scale == 0.0f || !isfinite(scale)) {
+        memset(q, 0, (size_t)gs);
+        return 1;
+    }
+    const __m256 sc = _mm256_set1_ps(scale), half = _mm256_set1_ps(0.5f), one = _mm256_set1_ps(1.0f);
+    const __m256 lim = _mm256_set1_ps(127.0f), sign = _mm256_set1_ps(-0.0f);
+    for (int k = 0; k < gs; k += 8) {
+        __m256 v = _mm256_div_ps(_mm256_loadu_ps(x + k), sc);
+        __m256 t = _mm256_round_ps(v, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+        __m256 away = _mm256_cmp_ps(_mm256_and_ps(_mm256_sub_ps(v, t), absmask), half, _CMP_GE_OQ);
+        __m256 r = _mm256_add_ps(t, _mm256_and_ps(away, _mm256_or_ps(one, _mm256_and_ps(v, sign))));
+        r = _mm256_min_ps(_mm256_max_ps(r, _mm256_sub_ps(_mm256_setzero_ps(), lim)), lim);
+        __m256i i32 = _mm256_cvtps_epi32(r);   /* whole numbers: exact */
+        __m128i i16 = _mm_packs_epi32(_mm256_castsi256_si128(i32), _mm256_extracti128_si256(i32, 1));
+        _mm_storel_epi64((__m128i *)(q + k), _mm_packs_epi16(i16, i16));
+    }
+    return 1;
+}
+#endif
+
 void bl_quantize(int8_t *q, float *s, const float *x, int n, int gs) {
     for (int g = 0; g < n / gs; g++) {
         const float *xg = x + (size_t)g * gs;
+#if defined(BL_AVX2)
+        if (gs % 8 == 0 && quantize_group8(q + (size_t)g * gs, s + g, xg, gs)) continue;
+#endif
         float wmax = 0.0f;
         for (int k = 0; k < gs; k++) {
             float v = fabsf(xg[k]);

@@ -272,7 +272,7 @@ static int alloc_state(bl_model *m) {
     m->v = calloc(kv, sizeof(float));
     size_t natt = (size_t)c->n_heads * c->seq_len;
     m->att = calloc(natt > (size_t)c->vocab_size ? natt : (size_t)c->vocab_size, sizeof(double));
-    m->acc = calloc(c->dim, sizeof(double));
+    m->qd = calloc(c->dim, sizeof(double));
     m->logits = calloc(c->vocab_size, sizeof(float));
     m->xq_q = calloc(big, 1);
     m->xq_s = calloc(big, sizeof(float));
@@ -283,7 +283,7 @@ static int alloc_state(bl_model *m) {
     size_t half = (size_t)(c->dim / c->n_heads) / 2;
     m->freqs_cos = calloc((size_t)c->seq_len * half, sizeof(double));
     m->freqs_sin = calloc((size_t)c->seq_len * half, sizeof(double));
-    if (!m->x || !m->xb || !m->xb2 || !m->hb || !m->hb2 || !m->q || !m->k || !m->v || !m->att || !m->acc || !m->logits ||
+    if (!m->x || !m->xb || !m->xb2 || !m->hb || !m->hb2 || !m->q || !m->k || !m->v || !m->att || !m->qd || !m->logits ||
         !m->xq_q || !m->xq_s || !m->key_cache || !m->value_cache || !m->probindex || !m->probs ||
         !m->freqs_cos || !m->freqs_sin)
         return bl_fail(m->err, sizeof m->err, BL_ERR_NOMEM, "out of memory for the KV cache and activations");
@@ -366,7 +366,7 @@ void bl_model_close(bl_model *m) {
     if (m->owns_embeddings) free(m->tok_embeddings);
     free(m->scales);
     free(m->layers);
-    free(m->x); free(m->xb); free(m->xb2); free(m->hb); free(m->hb2); free(m->q); free(m->k); free(m->v); free(m->att); free(m->acc);
+    free(m->x); free(m->xb); free(m->xb2); free(m->hb); free(m->hb2); free(m->q); free(m->k); free(m->v); free(m->att); free(m->qd);
     free(m->logits); free(m->xq_q); free(m->xq_s); free(m->key_cache); free(m->value_cache);
     free(m->probindex); free(m->probs); free(m->freqs_cos); free(m->freqs_sin);
     if (m->map) munmap(m->map, m->map_size);
@@ -489,7 +489,7 @@ int bl_forward(bl_model *m, int token, int pos, float *out) {
             const float *q = m->q + h * head_size;
             const float *kh = kcache + (h / kv_mul) * hstride, *vh = vcache + (h / kv_mul) * hstride;
             double *att = m->att + (size_t)h * c->seq_len;
-            attend(m->xb + h * head_size, q, kh, vh, pos, head_size, att, m->acc + h * head_size);
+            attend(m->xb + h * head_size, q, kh, vh, pos, head_size, att, m->qd + h * head_size);
         }
         matmul(m, threads, m->xb2, m->xb, &w->wo, dim, dim);
         for (int i = 0; i < dim; i++) x[i] += m->xb2[i];

@@ -6,6 +6,7 @@
 
 #include "babyllama.h"
 #include "kernels.h"
+#include "simd.h"
 
 #include <math.h>
 #include <stdint.h>
@@ -40,7 +41,7 @@ struct bl_model {
     bl_mat output;           /* (vocab_size, dim) */
     /* state */
     float *x, *xb, *xb2, *hb, *hb2, *q, *k, *v, *logits; /* activations */
-    double *att, *acc;                                   /* attention scores, outputs */
+    double *att, *qd;                                    /* attention scores, a query in double */
     int8_t *xq_q;
     float *xq_s;                                         /* quantized activation (v2) */
     float *key_cache, *value_cache;   /* (n_layers, n_kv_heads, seq_len, head_size) each */
@@ -119,14 +120,41 @@ static inline double exp_neg(double x) {
     return p * scale;
 }
 
+#if defined(BL_AVX2) && defined(__FMA__)
+/* exp_neg on four lanes, the same operations lane by lane (so the same bits) */
+#define BL_EXP4 1
+static inline __m256d exp_neg4(__m256d x) {
+    x = _mm256_max_pd(_mm256_set1_pd(-708.0), x);   /* a NaN lane stays NaN, as above */
+    __m256d k = _mm256_round_pd(_mm256_mul_pd(x, _mm256_set1_pd(1.4426950408889634)),
+                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256d r = _mm256_sub_pd(_mm256_sub_pd(x, _mm256_mul_pd(k, _mm256_set1_pd(6.93147180369123816490e-01))),
+                              _mm256_mul_pd(k, _mm256_set1_pd(1.90821492927058770002e-10)));
+    static const double c[] = {1.0 / 479001600.0, 1.0 / 39916800.0, 1.0 / 3628800.0, 1.0 / 362880.0,
+                               1.0 / 40320.0, 1.0 / 5040.0, 1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0,
+                               1.0 / 6.0, 0.5, 1.0, 1.0};
+    __m256d p = _mm256_set1_pd(1.0 / 6227020800.0);
+    for (int i = 0; i < 13; i++) p = _mm256_fmadd_pd(p, r, _mm256_set1_pd(c[i]));
+    __m256i bits = _mm256_castpd_si256(_mm256_add_pd(k, _mm256_set1_pd(6755399441055744.0)));
+    bits = _mm256_slli_epi64(_mm256_add_epi64(_mm256_sub_epi64(bits, _mm256_set1_epi64x(0x4338000000000000LL)),
+                                              _mm256_set1_epi64x(1023)), 52);
+    return _mm256_mul_pd(p, _mm256_castsi256_pd(bits));
+}
+#endif
+
 /* q . k in double with four independent partial sums (one long chain of dependent adds
- * would leave the FPU waiting on each add's latency) */
-static inline double dot_d(const float *q, const float *k, int n) {
+ * would leave the FPU waiting on each add's latency); q already in double */
+static inline double dot_d(const double *q, const float *k, int n) {
     double s[4] = {0.0, 0.0, 0.0, 0.0};
     int i = 0;
+#if defined(BL_AVX2)   /* the same four sums, one per lane (the compiler would use two lanes) */
+    __m256d acc = _mm256_setzero_pd();
     for (; i + 4 <= n; i += 4)
-        for (int j = 0; j < 4; j++) s[j] += (double)q[i + j] * k[i + j];
-    for (; i < n; i++) s[0] += (double)q[i] * k[i];
+        acc = _mm256_add_pd(acc, _mm256_mul_pd(_mm256_loadu_pd(q + i), _mm256_cvtps_pd(_mm_loadu_ps(k + i))));
+    _mm256_storeu_pd(s, acc);
+#endif
+    for (; i + 4 <= n; i += 4)
+        for (int j = 0; j < 4; j++) s[j] += q[i + j] * k[i + j];
+    for (; i < n; i++) s[0] += q[i] * k[i];
     return (s[0] + s[1]) + (s[2] + s[3]);
 }
 
@@ -144,6 +172,15 @@ static inline double max_d(const double *x, int n) {
 static inline double exp_sum_d(double *x, int n, double max) {
     double part[4] = {0.0, 0.0, 0.0, 0.0};
     int i = 0;
+#if defined(BL_EXP4)   /* part[j] in lane j */
+    __m256d acc = _mm256_setzero_pd(), mv = _mm256_set1_pd(max);
+    for (; i + 4 <= n; i += 4) {
+        __m256d e = exp_neg4(_mm256_sub_pd(_mm256_loadu_pd(x + i), mv));
+        _mm256_storeu_pd(x + i, e);
+        acc = _mm256_add_pd(acc, e);
+    }
+    _mm256_storeu_pd(part, acc);
+#endif
     for (; i + 4 <= n; i += 4)
         for (int j = 0; j < 4; j++) {
             x[i + j] = exp_neg(x[i + j] - max);
@@ -174,21 +211,69 @@ static inline void rope(float *vec, int n, int head_size, const double *fcos, co
 }
 
 /* one query head over cached positions 0..pos: out (head_size,) = softmax(q K^T / sqrt(hs)) V,
- * with kh, vh one KV head's cache (positions x head_size); att (pos + 1,), acc (head_size,) */
+ * with kh, vh one KV head's cache (positions x head_size); att (pos + 1,), qd (head_size,)
+ * scratch. q is converted to double once, not once per position. The weighted sum of V runs
+ * over 16 outputs at a time, all positions for each (the 16 sums stay in registers instead of
+ * going to memory and back at every position); each output adds its terms in position order. */
 static inline void attend(float *out, const float *q, const float *kh, const float *vh, int pos,
-                          int head_size, double *att, double *acc) {
+                          int head_size, double *att, double *qd) {
     const double sqrt_hs = sqrt((double)head_size);
-    for (int t = 0; t <= pos; t++) att[t] = dot_d(q, kh + (size_t)t * head_size, head_size) / sqrt_hs;
+    for (int i = 0; i < head_size; i++) qd[i] = q[i];
+    int t = 0;
+#if defined(BL_AVX2)
+    if (head_size % 4 == 0)   /* four positions at a time: four independent chains of adds */
+        for (; t + 4 <= pos + 1; t += 4) {
+            const float *k = kh + (size_t)t * head_size;
+            __m256d s[4] = {_mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd()};
+            for (int i = 0; i < head_size; i += 4) {
+                __m256d qv = _mm256_loadu_pd(qd + i);
+                for (int u = 0; u < 4; u++)
+                    s[u] = _mm256_add_pd(s[u], _mm256_mul_pd(qv, _mm256_cvtps_pd(_mm_loadu_ps(k + (size_t)u * head_size + i))));
+            }
+            for (int u = 0; u < 4; u++) {   /* as dot_d ends */
+                double p[4];
+                _mm256_storeu_pd(p, s[u]);
+                att[t + u] = (p[0] + p[1]) + (p[2] + p[3]);
+            }
+        }
+#endif
+    for (; t <= pos; t++) att[t] = dot_d(qd, kh + (size_t)t * head_size, head_size);
+    for (t = 0; t <= pos; t++) att[t] /= sqrt_hs;   /* a loop of its own: vector divisions */
     softmax_d(att, pos + 1);
-    for (int i = 0; i < head_size; i++) acc[i] = 0.0;
-    for (int t = 0; t <= pos; t++)
-        for (int i = 0; i < head_size; i++) acc[i] += att[t] * vh[(size_t)t * head_size + i];
-    for (int i = 0; i < head_size; i++) out[i] = (float)acc[i];
+    int i0 = 0;
+    for (; i0 + 32 <= head_size; i0 += 32) {
+        double a[32] = {0.0};
+        for (t = 0; t <= pos; t++)
+            for (int i = 0; i < 32; i++) a[i] += att[t] * vh[(size_t)t * head_size + i0 + i];
+        for (int i = 0; i < 32; i++) out[i0 + i] = (float)a[i];
+    }
+    for (; i0 + 16 <= head_size; i0 += 16) {
+        double a[16] = {0.0};
+        for (t = 0; t <= pos; t++)
+            for (int i = 0; i < 16; i++) a[i] += att[t] * vh[(size_t)t * head_size + i0 + i];
+        for (int i = 0; i < 16; i++) out[i0 + i] = (float)a[i];
+    }
+    for (int i = i0; i < head_size; i++) {   /* head sizes not a multiple of 16 */
+        double a = 0.0;
+        for (t = 0; t <= pos; t++) a += att[t] * vh[(size_t)t * head_size + i];
+        out[i] = (float)a;
+    }
 }
 
 /* SwiGLU's gate: hb = silu(hb) * hb2, n values */
 static inline void silu_mul(float *hb, const float *hb2, int n) {
-    for (int i = 0; i < n; i++) {
+    int i = 0;
+#if defined(BL_EXP4)   /* both branches' e^-|v|, then 1 / it where v < 0 */
+    const __m256d one = _mm256_set1_pd(1.0), sign = _mm256_set1_pd(-0.0);
+    for (; i + 4 <= n; i += 4) {
+        __m256d val = _mm256_cvtps_pd(_mm_loadu_ps(hb + i));
+        __m256d en = exp_neg4(_mm256_or_pd(val, sign));   /* -|v| */
+        __m256d e = _mm256_blendv_pd(en, _mm256_div_pd(one, en), _mm256_cmp_pd(val, _mm256_setzero_pd(), _CMP_LT_OQ));
+        __m256d y = _mm256_mul_pd(_mm256_div_pd(val, _mm256_add_pd(one, e)), _mm256_cvtps_pd(_mm_loadu_ps(hb2 + i)));
+        _mm_storeu_ps(hb + i, _mm256_cvtpd_ps(y));
+    }
+#endif
+    for (; i < n; i++) {
         double val = hb[i];   /* silu(v) = v / (1 + e^-v), e^-v = 1 / e^v for v < 0 */
         double e = val < 0 ? 1.0 / exp_neg(val) : exp_neg(-val);
         hb[i] = (float)(val / (1.0 + e) * hb2[i]);

@@ -24,12 +24,12 @@ typedef struct {
     float *x, *xb, *xb2, *q, *k, *v, *hb, *hb2;   /* (B, dim), ... (B, kv_dim), (B, hidden_dim) */
     int8_t *xq;                                   /* Q8_0 activations (B, max(dim, hidden_dim)) */
     float *xs;                                    /* and their scales */
-    double *att, *acc;                            /* per thread: (seq_len,), (head_size,) */
+    double *att, *qd;                             /* per thread: (seq_len,), (head_size,) */
 } Scratch;
 
 static void scratch_free(Scratch *s) {
     free(s->x); free(s->xb); free(s->xb2); free(s->q); free(s->k); free(s->v);
-    free(s->hb); free(s->hb2); free(s->xq); free(s->xs); free(s->att); free(s->acc);
+    free(s->hb); free(s->hb2); free(s->xq); free(s->xs); free(s->att); free(s->qd);
 }
 
 static int scratch_alloc(bl_model *m, Scratch *s, int B) {
@@ -49,9 +49,9 @@ static int scratch_alloc(bl_model *m, Scratch *s, int B) {
     s->xq = malloc(B * big);
     s->xs = malloc(B * (big / gs) * sizeof(float));
     s->att = malloc((size_t)m->threads * c->seq_len * sizeof(double));
-    s->acc = malloc((size_t)m->threads * hs * sizeof(double));
+    s->qd = malloc((size_t)m->threads * hs * sizeof(double));
     if (!s->x || !s->xb || !s->xb2 || !s->q || !s->k || !s->v || !s->hb || !s->hb2 || !s->xq ||
-        !s->xs || !s->att || !s->acc) {
+        !s->xs || !s->att || !s->qd) {
         scratch_free(s);
         return bl_fail(m->err, sizeof m->err, BL_ERR_NOMEM, "out of memory for a prefill block of %d tokens", B);
     }
@@ -68,8 +68,10 @@ static void matmats(bl_model *m, Scratch *s, const float *x, int T, int n, int c
     if (w[0]->f) {
         bl_matmats_f32(jobs, count, x, T, n, threads);
     } else {
-        int gs = m->c.group_size;
-        for (int t = 0; t < T; t++)
+        int gs = m->c.group_size, t;
+        (void)threads;
+#pragma omp parallel for schedule(static) num_threads(threads) if ((long)T * n >= 1 << 15)
+        for (t = 0; t < T; t++)
             bl_quantize(s->xq + (size_t)t * n, s->xs + (size_t)t * (n / gs), x + (size_t)t * n, n, gs);
         bl_qtensor xq = {s->xq, s->xs};
         bl_matmats_q80(jobs, count, &xq, T, n, gs, threads);
@@ -97,7 +99,7 @@ static void attention_block(bl_model *m, Scratch *s, int l, const float *q, floa
         size_t off = (size_t)t * c->dim + (size_t)h * head_size;
         const float *kh = kcache + (h / kv_mul) * hstride, *vh = vcache + (h / kv_mul) * hstride;
         attend(out + off, q + off, kh, vh, pos + t, head_size, s->att + (size_t)me * c->seq_len,
-               s->acc + (size_t)me * head_size);
+               s->qd + (size_t)me * head_size);
     }
 }
 
@@ -145,7 +147,11 @@ static void forward_block(bl_model *m, Scratch *s, const int *tokens, int T, int
             rmsnorm(s->xb + (size_t)t * dim, s->x + (size_t)t * dim, w->ffn_norm, dim);
         matmats(m, s, s->xb, T, dim, 2, (float *const[]){s->hb, s->hb2},
                 (const bl_mat *const[]){&w->w1, &w->w3}, (const int[]){hidden_dim, hidden_dim});
-        silu_mul(s->hb, s->hb2, T * hidden_dim);
+        int t, threads = work_threads(m, T);
+        (void)threads;
+#pragma omp parallel for schedule(static) num_threads(threads) if ((long)T * hidden_dim >= 1 << 15)
+        for (t = 0; t < T; t++)
+            silu_mul(s->hb + (size_t)t * hidden_dim, s->hb2 + (size_t)t * hidden_dim, hidden_dim);
         matmats(m, s, s->hb, T, hidden_dim, 1, (float *const[]){s->xb}, (const bl_mat *const[]){&w->w2},
                 (const int[]){dim});
         for (size_t i = 0; i < (size_t)T * dim; i++) s->x[i] += s->xb[i];

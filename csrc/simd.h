@@ -180,14 +180,16 @@ static inline int32_t idot(const int8_t *a, const int8_t *b, int gs) {
 
 /* The sum over a row's groups of ((float)ival_g * ws[g]) * xs[g], added in group order, for
  * weights w and activations x (ngroups * gs int8 each). On avx2/vnni, eight groups are summed at
- * a time and their eight int32 totals reduced together (one transpose-and-add instead of eight
- * horizontal sums), scaled with two vector multiplies; the eight terms are then added one by
- * one, so the float result is the same as group by group. */
+ * a time (the last block of a row: fewer, if more than one) and their eight int32 totals reduced together (one
+ * transpose-and-add instead of eight horizontal sums), scaled with two vector multiplies; the
+ * terms are then added one by one, so the float result is the same as group by group. */
 #if defined(BL_AVX2) && (BL_SIMD_PATH == BL_PATH_avx2 || BL_SIMD_PATH == BL_PATH_vnni)
 #define BL_QDOT8 1
-/* acc + the 32 products w * x, summed in fours into acc's 8 int32 lanes (sign trick) */
-static inline __m256i dot32_i8(__m256i acc, __m256i w, __m256i x) {
-    __m256i uw = _mm256_sign_epi8(w, w), sx = _mm256_sign_epi8(x, w);
+/* acc + the 32 products w * x summed in fours into acc's 8 int32 lanes, given uw = |w| (the
+ * sign trick: only x takes w's sign). A tile computes |w| once per weight vector and shares
+ * it across its tokens. */
+static inline __m256i dot32_abs(__m256i acc, __m256i uw, __m256i w, __m256i x) {
+    __m256i sx = _mm256_sign_epi8(x, w);
 #if BL_SIMD_PATH == BL_PATH_vnni && defined(__AVXVNNI__)
     return _mm256_dpbusd_avx_epi32(acc, uw, sx);
 #elif BL_SIMD_PATH == BL_PATH_vnni
@@ -195,6 +197,11 @@ static inline __m256i dot32_i8(__m256i acc, __m256i w, __m256i x) {
 #else
     return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(uw, sx), _mm256_set1_epi16(1)));
 #endif
+}
+
+/* acc + the 32 products w * x, summed in fours into acc's 8 int32 lanes */
+static inline __m256i dot32_i8(__m256i acc, __m256i w, __m256i x) {
+    return dot32_abs(acc, _mm256_sign_epi8(w, w), w, x);
 }
 
 /* lane k of the result = the sum of v[k]'s 8 lanes */
@@ -205,27 +212,45 @@ static inline __m256i hsum8_epi32(const __m256i v[8]) {
 }
 #endif
 
+#if defined(BL_QDOT8)
+/* val + the terms of m <= 8 groups starting at x, w (and their scales), added in group order */
+static inline __attribute__((always_inline)) float qdot_block(float val, const int8_t *x, const float *xs,
+                                                              const int8_t *w, const float *ws, int m, int gs) {
+    __m256i acc[8];
+    for (int k = 0; k < 8; k++) {
+        const int8_t *xg = x + (size_t)k * gs, *wg = w + (size_t)k * gs;
+        __m256i a = _mm256_setzero_si256();
+        for (int j = 0; k < m && j < gs; j += 32)
+            a = dot32_i8(a, _mm256_loadu_si256((const __m256i *)(wg + j)),
+                         _mm256_loadu_si256((const __m256i *)(xg + j)));
+        acc[k] = a;
+    }
+    __m256 wsv, xsv;
+    if (m == 8) {
+        wsv = _mm256_loadu_ps(ws), xsv = _mm256_loadu_ps(xs);
+    } else {   /* only the m groups' scales (masked lanes are not read) */
+        __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(m), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        wsv = _mm256_maskload_ps(ws, mask), xsv = _mm256_maskload_ps(xs, mask);
+    }
+    __m256 t = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(hsum8_epi32(acc)), wsv), xsv);
+    float f[8];
+    _mm256_storeu_ps(f, t);
+    for (int k = 0; k < m; k++) val += f[k];
+    return val;
+}
+#endif
+
 static inline float qdot(const int8_t *x, const float *xs, const int8_t *w, const float *ws,
                          int ngroups, int gs) {
     float val = 0.0f;
     int g = 0;
 #if defined(BL_QDOT8)
     if (gs % 32 == 0) {
-        for (; g + 8 <= ngroups; g += 8) {
-            __m256i acc[8];
-            for (int k = 0; k < 8; k++) {
-                const int8_t *xg = x + (size_t)(g + k) * gs, *wg = w + (size_t)(g + k) * gs;
-                __m256i a = _mm256_setzero_si256();
-                for (int j = 0; j < gs; j += 32)
-                    a = dot32_i8(a, _mm256_loadu_si256((const __m256i *)(wg + j)),
-                                 _mm256_loadu_si256((const __m256i *)(xg + j)));
-                acc[k] = a;
-            }
-            __m256 t = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(hsum8_epi32(acc)), _mm256_loadu_ps(ws + g)),
-                                     _mm256_loadu_ps(xs + g));
-            float f[8];
-            _mm256_storeu_ps(f, t);
-            for (int k = 0; k < 8; k++) val += f[k];
+        for (; g + 8 <= ngroups; g += 8)
+            val = qdot_block(val, x + (size_t)g * gs, xs + g, w + (size_t)g * gs, ws + g, 8, gs);
+        if (ngroups - g >= 2) {   /* the last groups of a row; a single one costs less alone */
+            val = qdot_block(val, x + (size_t)g * gs, xs + g, w + (size_t)g * gs, ws + g, ngroups - g, gs);
+            g = ngroups;
         }
     }
 #endif

@@ -135,7 +135,8 @@ def run(prefix: list[str], exe: Path, m: Model, out: Path) -> tuple[str, np.ndar
 
 
 def check_paths(results: dict[str, dict], models: list[Model]) -> None:
-    """Every path against NumPy, and every int8 path against the portable one bit for bit."""
+    """Every path against NumPy, its batched prefill against its token-by-token logits bit for
+    bit, and every int8 path against the portable one bit for bit."""
     for i, m in enumerate(models):
         base = results["portable"][i][1]
         for path, res in results.items():
@@ -145,6 +146,8 @@ def check_paths(results: dict[str, dict], models: list[Model]) -> None:
             for k, kind in enumerate(("batched prefill", "token by token")):
                 err = np.abs(logits[k] - m.logits).max()
                 assert err <= TOL[m.version], f"{where}, {kind}: {err:.3g} from NumPy"
+            # each (row, token) sum of the prefill tiles runs in the matvec's order
+            assert np.array_equal(logits[0], logits[1]), f"{where}: prefill != token by token"
             if m.version == 2:
                 assert np.array_equal(logits, base), f"{where}: not the portable path's bits"
             assert ids == m.ids, f"{where}: greedy tokens differ from NumPy's"

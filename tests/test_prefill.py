@@ -81,6 +81,21 @@ def test_prefill_equals_token_by_token(files, name, version, threads):
 
 
 @pytest.mark.parametrize("version", [0, 2])
+def test_prefill_is_token_by_token_bit_for_bit(files, version):
+    """Each (row, token) sum of the prefill tiles (kernels.c) runs in the matvec's order and
+    attention is the same function, so the logits are equal, not just close: 70 tokens (a last
+    token tile of 4 fp32 / 2 int8), rows at the tiles' edges (vocab 301, 131; KV dim 20), at 1
+    and 2 threads."""
+    for name in ("gqa", "tails", "groups8"):
+        for threads in (1, 2):
+            e = CLlama.load(files[name, version], threads=threads)
+            toks = prompt(e.args.vocab_size, 70, seed=4)
+            ref = token_by_token(e, toks)
+            e.reset()
+            assert np.array_equal(e.forward_tokens(toks, 0), ref), (name, threads)
+
+
+@pytest.mark.parametrize("version", [0, 2])
 @pytest.mark.parametrize("name", list(SHAPES))
 def test_numpy_prefill_equals_c_prefill(files, name, version):
     n, c = NumpyLlama.load(files[name, version]), CLlama.load(files[name, version], threads=2)
@@ -221,6 +236,9 @@ def test_every_simd_path_gives_the_same_int8_results(tmp_path, files):
             for kind in ("prefill", "forward"):
                 assert np.array_equal(res[f"{kind}{i}"], base[f"{kind}{i}"]), (path, kind, i)
         assert np.abs(res["prefill4"] - base["prefill4"]).max() <= 1e-4, path
+    for path, res in [("portable", base), *results.items()]:   # the tiles keep the matvec's order
+        for i in range(5):
+            assert np.array_equal(res[f"prefill{i}"], res[f"forward{i}"]), (path, i)
 
 
 VNNI_FLAGS = [["-mavxvnni"], ["-mavx512vnni", "-mavx512vl"]]
@@ -247,3 +265,42 @@ def test_unknown_simd_path_is_a_clear_build_error(tmp_path):
     r = subprocess.run([_cc(), "-DBL_SIMD=avx1024", "-c", str(CSRC / "kernels.c"), "-o",
                         str(tmp_path / "k.o")], capture_output=True, text=True)
     assert r.returncode != 0 and "BL_SIMD must be one of" in r.stderr
+
+
+def test_simd_kernels_are_sanitizer_clean(tmp_path, files):
+    """ASan + UBSan on the SIMD paths this CPU runs (the CLI's sanitizer tests build without
+    -march, so only the portable path): tests/cross_arch_driver.c's batched prefill, token-by-
+    token steps and greedy generation on every shape, fp32 and int8, edge tiles included; the
+    prefill logits equal the token-by-token ones bit for bit under the sanitizers too."""
+    if subprocess.run([_cc(), "-fsanitize=address,undefined", "-x", "c", "-", "-o",
+                       str(tmp_path / "probe")], input="int main(void){return 0;}",
+                      text=True, capture_output=True).returncode != 0:
+        pytest.skip("this compiler has no AddressSanitizer/UBSan runtime")
+    driver = Path(__file__).resolve().with_name("cross_arch_driver.c")
+    srcs = [str(driver), *(str(CSRC / s) for s in fast_c.LIB_SOURCES)]
+    env = {**os.environ, "ASAN_OPTIONS": "detect_leaks=1", "UBSAN_OPTIONS": "print_stacktrace=1"}
+    T = 45   # 7 fp32 token tiles of 6 and a last of 3; 11 int8 tiles of 4 and a last of 1
+    paths = [(p, extra) for p, extra in simd_paths() if p not in ("portable", "vnni_emul")]
+    if not paths:
+        pytest.skip("this CPU runs no SIMD path (the CLI tests sanitize the portable one)")
+    for path, extra in paths:
+        exe = tmp_path / f"driver_{path}"
+        # serial (sanitizers and OpenMP runtimes do not mix well), warnings are errors
+        r = subprocess.run([_cc(), *fast_c.BASE_FLAGS, "-Werror", "-Wno-unknown-pragmas", "-O1",
+                            "-g", "-march=native", *extra.split(), f"-DBL_SIMD={path}",
+                            "-fsanitize=address,undefined", "-fno-sanitize-recover=all",
+                            "-fno-omit-frame-pointer", f"-I{CSRC}", *srcs, "-o", str(exe), "-lm"],
+                           capture_output=True, text=True)
+        assert r.returncode == 0 and not r.stderr, r.stderr
+        for (name, v), model in files.items():
+            if name == "mha":   # its 64-wide groups: covered by gqa's 32 (the same SIMD code)
+                continue
+            toks = tmp_path / f"{name}.i32"
+            np.array([1, *prompt(SHAPES[name][0].vocab_size, T - 1)], np.int32).tofile(toks)
+            out = tmp_path / f"{name}_{v}_{path}.f32"
+            r = subprocess.run([str(exe), str(model), "1", str(toks), str(out), "60"],
+                               capture_output=True, text=True, env=env, timeout=300)
+            assert r.returncode == 0 and "runtime error" not in r.stderr, (path, name, v, r.stderr)
+            assert r.stdout.split("\n")[0] == path
+            logits = np.fromfile(out, np.float32).reshape(2, T, -1)
+            assert np.array_equal(logits[0], logits[1]), (path, name, v)
