@@ -129,9 +129,17 @@ for i, (a, b) in enumerate(toy_merges):
 # drops any longer than `max_sentence_length` (4,192 bytes). TinyStories has stories longer than
 # that, so `babyllama.tokenizer.sentences` cuts documents at newlines, then sentence ends, before
 # training — no story is lost.
+#
+# **What it reads.** A tokenizer should know the text its model will be prompted with, not
+# only the text it is trained on. Chapter 3 ends by teaching the model to answer requests in
+# Llama 2's chat format — `[INST] Tell me a story about a shy fox named Max who finds a red
+# lantern. [/INST]` — and our stories never say "[INST]", "story" or "about". So the tokenizer
+# trains on the stories *and* 20,000 such requests (`data.tokenizer_docs`): below we measure
+# what that buys.
 
 # %%
 book.ensure_tokenizer(paths)
+tokenizer_text = D.tokenizer_docs(train_docs)   # what ensure_tokenizer trained on
 sp = spm.SentencePieceProcessor(model_file=str(paths.tok_model))
 pieces = [sp.id_to_piece(i) for i in range(sp.vocab_size())]
 print("vocabulary size:", sp.vocab_size())
@@ -153,14 +161,36 @@ merges = sp.vocab_size() - 259 - len(singles)
 print(f"3 special + 256 bytes + {merges} merges + {len(singles)} characters = {sp.vocab_size()}")
 print(f"single characters are ids {singles[0]}..{singles[-1]}: the last {len(singles)} pieces "
       f"(contiguous: {singles == list(range(singles[0], sp.vocab_size()))})")
-chars = collections.Counter("".join(train_docs).replace(" ", "▁"))
+chars = collections.Counter("".join(tokenizer_text).replace(" ", "▁"))
 freq = [chars[pieces[i]] for i in singles]
-print("how often each occurs in the training stories:", freq[:4], "...", freq[-4:])
+print("how often each occurs in the training text:", freq[:4], "...", freq[-4:])
 out_of_order = sum(a < b for a, b in zip(freq, freq[1:]))
 print(f"neighbours out of frequency order: {out_of_order} of {len(freq) - 1} (bound 0)")
 assert singles == list(range(singles[0], sp.vocab_size())) and out_of_order == 0
 
 # %% [markdown]
+# What did the 20,000 requests buy? We train the same vocabulary on the stories alone and
+# encode one request, and the validation stories, with both:
+
+# %%
+stories_only = spm.SentencePieceProcessor(model_file=str(train_tokenizer(
+    train_docs, paths.out / "vocab_sweep" / "tok512_stories_only", 512)))
+request = "[INST] Tell me a story about a shy fox named Max who finds a red lantern. [/INST]"
+story_tokens = {}
+for name, m in (("stories only", stories_only), ("stories + requests", sp)):
+    story_tokens[name] = sum(len(ids) for ids in m.encode(val_docs))
+    print(f"{name:>18}: the request is {len(m.encode(request)):2d} tokens "
+          f"{m.encode(request, out_type=str)[:8]} ...; validation stories "
+          f"{story_tokens[name]:,} tokens")
+growth = story_tokens["stories + requests"] / story_tokens["stories only"] - 1
+print(f"stories grow by {growth:.1%} (bound 5%)")
+assert len(sp.encode(request)) < len(stories_only.encode(request)) and growth < 0.05
+
+# %% [markdown]
+# A request shrinks by about a third, and stories grow by a few percent: a handful of merges
+# ("▁story", "INST", "▁about") moved from story words to request words. Fine-tuning pays for
+# every prompt token in every step, so this is chapter 3's fine-tuning made faster.
+#
 # So only 192 of our 512 ids are learned merges. How much text does one token carry? A bigger vocabulary packs more bytes into each
 # token (shorter sequences, a bigger embedding table). We train a few sizes on a sample:
 

@@ -580,10 +580,10 @@ assert gain > 0.5
 # steps, 600 iterations of 16 whole rows (2.2 million tokens) honoured 44. Fewer steps do
 # not just end sooner: 1,000 iterations on their own schedule honoured 14, 1,200 at a peak
 # learning rate of 4.5e-3 or 6e-3 honoured 8 and 1, and 1,600 of 2 rows 1. Nor did
-# pretraining on windows in which spans of text are repeated (`repeat_share`,
-# `data.repeat_spans`) grow copying in the book's 300 iterations: with a quarter of the
-# windows edited the model predicted a repeated span no better than the first time it read
-# it, and its validation loss was 1.19 instead of 1.04.
+# pretraining on windows in which spans of text were repeated grow copying in the book's 300
+# iterations: with a quarter of the windows edited that way, the model predicted a repeated
+# span no better than the first time it read it, and its validation loss was 1.19 instead
+# of 1.04.
 # %% [markdown]
 # ## Exercises
 #

@@ -212,6 +212,23 @@ def test_finetune_resumes_exactly(base, data_dir, tmp_path):
     assert main(["train", "--resume", "--out", str(tmp_path / "b")]) == 1   # says: finetune
 
 
+def test_finetune_log_counts_the_tokens_it_processed(base, data_dir, tmp_path, tok):
+    """Speed and MFU are per token actually processed: a fine-tuning batch is cut after its
+    last target, far short of max_seq_len (counting max_seq_len made MFU exceed 100%)."""
+    a = finetune(base, tmp_path / "a", max_iters=4, tokenizer=data_dir / "tok512.bin",
+                 requests=32, batch_size=4, eval_interval=0, log_interval=1, progress=False)
+    cfg = torch.load(a, weights_only=True)["config"]
+    rows = D.request_rows(tok, 32, cfg["max_seq_len"], D.REQUEST_SEEDS["train"])
+    widths = [D.get_request_batch(rows, 4, cfg["max_seq_len"], cfg["seed"], s,
+                                  cfg["answer_head"], cfg["head_share"])[0].shape[1]
+              for s in range(4)]
+    logged = [r["tokens"] for r in read_log(tmp_path / "a" / "log.jsonl") if "tokens" in r]
+    assert logged == [4 * sum(widths[:i + 1]) for i in range(4)]
+    assert max(widths) < cfg["max_seq_len"]
+    rec = [r for r in read_log(tmp_path / "a" / "log.jsonl") if "mfu" in r][-1]
+    assert rec["tokens_per_s"] > 0 and 0 < rec["mfu"] < 1
+
+
 def test_finetune_rejects_another_vocabulary(base, data_dir, tmp_path):
     blob = (data_dir / "tok512.bin").read_bytes()
     off, longest = 4, 0

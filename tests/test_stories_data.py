@@ -235,46 +235,29 @@ def test_missing_shards_name_the_command(tmp_path):
         D.load_shards(tmp_path, "train")
 
 
-def test_repeat_spans_copy_earlier_text_at_random_distances():
-    chunk = np.arange(1000, 1257)   # distinct tokens: a copied token names where it came from
-    dists = set()
-    for s in range(20):
-        out = D.repeat_spans(chunk, np.random.default_rng(s))
-        assert out.shape == chunk.shape and (chunk == np.arange(1000, 1257)).all()   # a copy
-        changed = np.flatnonzero(out != chunk)
-        runs = np.split(changed, np.flatnonzero(np.diff(changed) > 1) + 1)
-        assert len(runs) == D.REPEAT_SPANS
-        for run in runs:   # a run of k positions holds k consecutive earlier tokens
-            dst, k = int(run[0]), len(run)
-            src = int(out[dst]) - 1000
-            assert D.REPEAT_LEN[0] <= k <= D.REPEAT_LEN[1]
-            assert src + k <= dst   # the source ends before the copy starts ...
-            assert (out[dst:dst + k] == chunk[src:src + k]).all()
-            assert (out[src:src + k] == chunk[src:src + k]).all()   # ... and is left intact
-            dists.add(dst - src)
-    assert len(dists) > 20   # no fixed offset a model could learn instead of copying
-    with pytest.raises(ValueError, match="too short"):
-        D.repeat_spans(np.arange(15), np.random.default_rng(0))
 
 
-def test_repeated_span_batches_are_a_function_of_seed_and_step(data_dir):
-    shards = D.load_shards(D.shard_dir("stories", 512, data_dir), "train")
-    plain = D.get_batch(shards, 16, 64, seed=1, step=5)
-    assert all((a == b).all() for a, b in zip(plain, D.get_batch(shards, 16, 64, 1, 5, 0.0)))
-    x, y = D.get_batch(shards, 16, 64, seed=1, step=5, repeat_share=0.5)
-    x2, y2 = D.get_batch(shards, 16, 64, seed=1, step=5, repeat_share=0.5)
-    assert (x == x2).all() and (y == y2).all()
-    assert (x[:, 1:] == y[:, :-1]).all()   # targets are the next tokens of the edited window
-    edited = (x != plain[0]).any(1) | (y != plain[1]).any(1)
-    assert 0 < edited.sum() < 16   # about half the rows; the others are the plain windows
-    rows = np.flatnonzero(edited)
-    rng = np.random.default_rng([1, 5, D.REPEAT_STREAM])   # the draws, made independently
-    chosen = np.flatnonzero(rng.random(16) < 0.5)
-    assert set(rows) <= set(chosen)
-    for b in chosen:
-        window = np.append(plain[0][b], plain[1][b, -1])
-        want = D.repeat_spans(window, rng)
-        assert (x[b] == want[:-1]).all() and (y[b] == want[1:]).all()
-    x1, _ = D.get_batch(shards, 16, 64, seed=1, step=5, repeat_share=1.0)
-    assert (x1 != plain[0]).any(1).sum() >= 14   # every row edited (a copy may equal its
-    # destination by chance in a row or two of this repetitive corpus)
+def test_tokenizer_docs_are_the_stories_then_chat_turns_that_shorten_requests(stories_sample,
+                                                                               tmp_path):
+    """The tokenizer's text: the stories unchanged, then chat turns rendered as chat mode renders
+    them, of the fine-tuning requests; trained on it, a 512-piece vocabulary spells a request
+    (one it never saw: held out) in clearly fewer tokens than one trained on the stories."""
+    import sentencepiece as spm
+
+    from babyllama.chat import render_turn
+    from babyllama.stories import generate_requests
+    from babyllama.tokenizer import train_tokenizer
+
+    docs = D.tokenizer_docs(stories_sample, requests=3000)
+    assert docs[:len(stories_sample)] == stories_sample and len(docs) == len(stories_sample) + 3000
+    want = [render_turn(r.text) for r, _ in generate_requests(3000, D.REQUEST_SEEDS["train"])]
+    assert docs[len(stories_sample):] == want
+    assert want[0].startswith("[INST] ") and want[0].endswith(" [/INST]")
+    assert D.tokenizer_docs(stories_sample, requests=0) == stories_sample
+    sizes = {}
+    for name, text in (("stories", stories_sample), ("with requests", docs)):
+        sp = spm.SentencePieceProcessor(model_file=str(train_tokenizer(text, tmp_path / name,
+                                                                       512)))
+        sizes[name] = sum(len(sp.encode(render_turn(r.text)))
+                          for r, _ in generate_requests(50, 0, held_out=True))
+    assert sizes["with requests"] < 0.85 * sizes["stories"], sizes

@@ -33,23 +33,6 @@ def test_resume_is_exact(data_dir, tmp_path):
     assert rec["tokens_per_s"] > 0 and 0 < rec["mfu"] < 1
 
 
-def test_resume_is_exact_with_repeated_spans(data_dir, tmp_path):
-    """The repeated-span windows are a function of (seed, step) too: a resumed run sees them."""
-    kw = dict(repeat_share=0.5)
-    a = train(_cfg(data_dir, tmp_path / "a", **kw))
-    train(_cfg(data_dir, tmp_path / "b", max_iters=10, **kw))
-    b = train(_cfg(data_dir, tmp_path / "b", max_iters=20), resume=True)   # share from ckpt
-    assert _losses(tmp_path / "a") == _losses(tmp_path / "b")
-    wa, wb = _weights(a), _weights(b)
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
-    plain = train(_cfg(data_dir, tmp_path / "plain"))
-    assert _losses(tmp_path / "plain") != _losses(tmp_path / "a")   # the windows did change
-    assert torch.load(plain, weights_only=True)["config"]["repeat_share"] == 0.0
-    for bad in (-0.1, 1.5, float("nan")):
-        with pytest.raises(TrainingError, match="repeat_share"):
-            train(_cfg(data_dir, tmp_path / "bad", repeat_share=bad))
-
-
 def test_ddp_two_processes_match_one(data_dir, tmp_path):
     cfg = dict(max_iters=6, lr_decay_iters=6, dropout=0.0, batch_size=8)
     one = train(_cfg(data_dir, tmp_path / "one", **cfg))

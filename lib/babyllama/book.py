@@ -87,13 +87,14 @@ class Paths:
 
 
 def ensure_tokenizer(p: Paths) -> Path:
-    """Chapter 01's vocabulary: 512 pieces trained on the built-in corpus, and tokenizer.bin."""
+    """Chapter 01's vocabulary: 512 pieces trained on the built-in corpus (its stories and
+    chat-rendered requests: data.tokenizer_docs), and tokenizer.bin."""
     from babyllama import data as D
     from babyllama.tokenizer import export_tokenizer_bin, train_tokenizer
 
     if not p.tok_model.exists():
         train, _ = D.load_corpus("stories", p.data)
-        train_tokenizer(train, p.tok_model.with_suffix(""), VOCAB)
+        train_tokenizer(D.tokenizer_docs(train), p.tok_model.with_suffix(""), VOCAB)
     if not p.tok_bin.exists():
         export_tokenizer_bin(p.tok_model, p.tok_bin)
     return p.tok_bin

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from babyllama.tokenizer import EOS
+
 SYSTEM_TEMPLATE = "[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{user} [/INST]"
 USER_TEMPLATE = "[INST] {user} [/INST]"
 
@@ -42,8 +44,6 @@ def encode_turn(tokenizer: Encoder, user: str, system: str | None = None,
 
 # ----------------------------------------------------------------------------------------------
 # a conversation over any engine
-
-BOS, EOS = 1, 2
 
 
 class ChatSession:

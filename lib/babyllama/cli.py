@@ -84,7 +84,7 @@ def cmd_tokenizer(a) -> None:
         print(f"wrote {export_tokenizer_bin(a.model, a.out)}")
         return
     train, _ = D.load_corpus(a.data, a.data_dir)
-    model = train_tokenizer(train, a.out, a.vocab)
+    model = train_tokenizer(D.tokenizer_docs(train), a.out, a.vocab)
     print(f"wrote {model} and {export_tokenizer_bin(model, model.with_suffix('.bin'))}")
 
 

@@ -25,8 +25,8 @@ import numpy as np
 from babyllama.config import ModelArgs
 from babyllama.context import Context, check_generate_args
 from babyllama.export import Weights, read_model
+from babyllama.tokenizer import BOS, EOS
 
-BOS, EOS = 1, 2
 F32 = np.float32
 
 

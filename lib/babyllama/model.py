@@ -54,11 +54,15 @@ def precompute_freqs_cis(head_dim: int, end: int, theta: float = 10000.0
 
 def apply_rotary_emb(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor
                      ) -> torch.Tensor:
-    """Rotate each interleaved pair (x[2i], x[2i+1]) of x (B, T, H, head_dim) by its angle."""
-    xr, xi = x.float().reshape(*x.shape[:-1], -1, 2).unbind(-1)
-    cos, sin = freqs_cos[None, :, None, :], freqs_sin[None, :, None, :]
-    out = torch.stack([xr * cos - xi * sin, xr * sin + xi * cos], dim=-1)
-    return out.flatten(-2).type_as(x)
+    """Rotate each interleaved pair (x[2i], x[2i+1]) of x (B, T, H, head_dim) by its angle.
+
+    A pair is the complex number x[2i] + i x[2i+1], and rotating it is multiplying by
+    cos + i sin: (xr cos - xi sin) + i (xr sin + xi cos). One complex multiply does it in one
+    kernel forward and one backward (writing out the four products and stacking them is ~10%
+    slower to train)."""
+    pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))   # (B, T, H, hd/2)
+    freqs_cis = torch.complex(freqs_cos, freqs_sin)[None, :, None, :]          # (1, T, 1, hd/2)
+    return torch.view_as_real(pairs * freqs_cis).flatten(-2).type_as(x)
 
 
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -93,17 +97,23 @@ class Attention(nn.Module):
             self.cache_v[:B, start_pos:start_pos + T] = v
             k = self.cache_k[:B, :start_pos + T]
             v = self.cache_v[:B, :start_pos + T]
-        k, v = repeat_kv(k, self.n_rep), repeat_kv(v, self.n_rep)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)   # (B, H, T, hd)
         # query t (absolute position start_pos + t) sees keys 0 .. start_pos + t
         S = k.shape[2]
         mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
         p = self.dropout if self.training else 0.0
+        # the fused kernel shares each KV head among n_rep query heads itself (enable_gqa): no
+        # copies of k and v, nor their sum in the backward pass
+        gqa = self.n_rep > 1
         if self.use_sdpa and S == T:   # plain causal: the fused kernel builds the mask itself
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True,
+                                                 enable_gqa=gqa)
         elif self.use_sdpa:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p,
+                                                 enable_gqa=gqa)
         else:
+            k = repeat_kv(k.transpose(1, 2), self.n_rep).transpose(1, 2)
+            v = repeat_kv(v.transpose(1, 2), self.n_rep).transpose(1, 2)
             out = attention_explicit(q, k, v, mask, p, self.training)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 

@@ -66,7 +66,6 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0
     dropout: float = 0.0
-    repeat_share: float = 0.0           # windows with repeated spans (data.repeat_spans)
     dtype: str = "float32"              # float32 | bfloat16 | float16 (with a GradScaler)
     compile: bool = False
     device: str = "cpu"
@@ -96,7 +95,7 @@ INT_MIN = {"batch_size": 1, "grad_accum": 1, "max_iters": 0, "eval_interval": 0,
            "log_interval": 1, "warmup_iters": 0, "lr_decay_iters": 0, "vocab_size": 1,
            "max_seq_len": 1, "threads": 1}
 FLOAT_MIN = {"learning_rate": 0.0, "min_lr": 0.0, "weight_decay": 0.0, "grad_clip": 0.0,
-             "dropout": 0.0, "repeat_share": 0.0}
+             "dropout": 0.0}
 
 
 def check_config(cfg: TrainConfig) -> None:
@@ -106,8 +105,6 @@ def check_config(cfg: TrainConfig) -> None:
            if getattr(cfg, k) is not None and not getattr(cfg, k) >= lo]   # catches NaN too
     if not 0.0 <= cfg.dropout < 1.0:
         bad.append(f"dropout must be in [0, 1), got {cfg.dropout}")
-    if not 0.0 <= cfg.repeat_share <= 1.0:
-        bad.append(f"repeat_share must be in [0, 1], got {cfg.repeat_share}")
     if bad:
         raise TrainingError("bad training settings: " + "; ".join(bad))
 
@@ -160,9 +157,10 @@ def measured_peak_flops(device: str = "cpu") -> float:
     return _PEAK[device]
 
 
-def flops_per_token(args: ModelArgs, n_params: int) -> float:
-    """Training FLOPs per token: 6N for the matmuls + attention (PaLM appendix B)."""
-    return 6 * n_params + 12 * args.n_layers * args.dim * args.max_seq_len
+def flops_per_token(args: ModelArgs, n_params: int, seq_len: float | None = None) -> float:
+    """Training FLOPs per token of rows `seq_len` long (default max_seq_len): 6N for the
+    matmuls + attention (PaLM appendix B)."""
+    return 6 * n_params + 12 * args.n_layers * args.dim * (seq_len or args.max_seq_len)
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
@@ -322,9 +320,7 @@ def _train(cfg, resume, rank, world, master, out, ckpt_path) -> Path:
     else:
         bins = shard_dir(cfg.data, args.vocab_size, cfg.data_dir)
         train_shards, val_shards = load_shards(bins, "train"), load_shards(bins, "val")
-        fetch = fetch_train = get_batch   # evaluation: plain windows, whatever the share
-        if cfg.repeat_share:
-            fetch_train = functools.partial(get_batch, repeat_share=cfg.repeat_share)
+        fetch = fetch_train = get_batch
 
     torch.manual_seed(cfg.seed)
     model = Transformer(args).to(cfg.device)
@@ -388,7 +384,9 @@ def _train(cfg, resume, rank, world, master, out, ckpt_path) -> Path:
     old_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.append(1)) if master \
         else None
     peak = measured_peak_flops(cfg.device) * world
-    tokens_per_iter = cfg.batch_size * cfg.grad_accum * args.max_seq_len
+    # tokens actually processed: fine-tuning rows are cut after their last target, far short
+    # of max_seq_len
+    n_rows = n_tokens = 0
     bar = tqdm(range(it0, cfg.max_iters), initial=it0, total=cfg.max_iters,
                disable=not (master and cfg.progress), desc="train")
     model.train()
@@ -410,6 +408,7 @@ def _train(cfg, resume, rank, world, master, out, ckpt_path) -> Path:
             total = 0.0
             for micro in range(cfg.grad_accum):
                 x, y = batch(train_shards, cfg.seed, it * cfg.grad_accum + micro, fetch_train)
+                n_rows, n_tokens = n_rows + x.shape[0], n_tokens + x.numel()
                 sync = world == 1 or micro == cfg.grad_accum - 1
                 with (contextlib.nullcontext() if sync else model.no_sync()), autocast:
                     _, loss = model(x, y)
@@ -427,10 +426,10 @@ def _train(cfg, resume, rank, world, master, out, ckpt_path) -> Path:
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             if it % cfg.log_interval == 0 or it == cfg.max_iters - 1:
-                dt = (time.perf_counter() - t0) / (it - it0 + 1)
-                tps = tokens_per_iter / dt
-                mfu = tps * flops_per_token(args, n_params) / peak
-                _log(log, {"iter": it, "loss": total, "lr": lr, "tokens_per_s": tps, "mfu": mfu})
+                tps = n_tokens * world / (time.perf_counter() - t0)
+                mfu = tps * flops_per_token(args, n_params, n_tokens / n_rows) / peak
+                _log(log, {"iter": it, "loss": total, "lr": lr, "tokens": n_tokens * world,
+                           "tokens_per_s": tps, "mfu": mfu})
                 bar.set_postfix(loss=f"{total:.3f}", tok_s=f"{tps:,.0f}")
                 history.append((it, total))
             if interrupted:
