@@ -15,6 +15,7 @@ stopped; with DDP each rank takes its rows of the same global batch.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import functools
 import json
@@ -241,6 +242,39 @@ def _flushing_denormals() -> bool:
     return torch.tensor([1e-39], dtype=torch.float32).mul(1.0).item() == 0.0   # subnormal
 
 
+# OpenMP's and MKL's "dynamic threads" switches, (getter, setter) in libtorch_cpu, which links
+# both. With OpenMP's on (OMP_DYNAMIC=true, or any library calling omp_set_dynamic(1)), libgomp
+# sizes each parallel team from the 15-minute load average and the CPU affinity mask: on a busy
+# machine torch's kernels and MKL then run on fewer threads than set and split their reductions
+# differently (measured: a 4M-element sum and an MKL dot both give the 1-thread result at 2
+# threads). torch.set_num_threads already turns MKL's off; it is set here too, so it does not
+# depend on that. MKL_Set_Dynamic takes its flag by value; the exported lowercase
+# mkl_set_dynamic is the Fortran entry, which takes a pointer (called with 0: a segfault).
+_DYNAMIC = {"omp": ("omp_get_dynamic", "omp_set_dynamic"),
+            "mkl": ("mkl_serv_get_dynamic", "MKL_Set_Dynamic")}
+
+
+@functools.cache
+def _libtorch_cpu() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
+    except OSError:   # another OS's file name: nothing is switched
+        return None
+
+
+def dynamic_threads() -> dict[str, int]:
+    """{"omp": on, "mkl": on} for the switches this torch has; a torch without MKL (ARM, ...)
+    or without OpenMP has fewer, and those are left alone."""
+    lib = _libtorch_cpu()
+    return {name: getattr(lib, get)() for name, (get, set_) in _DYNAMIC.items()
+            if lib is not None and hasattr(lib, get) and hasattr(lib, set_)}
+
+
+def set_dynamic_threads(state: dict[str, int]) -> None:
+    for name, on in state.items():
+        getattr(_libtorch_cpu(), _DYNAMIC[name][1])(int(on))
+
+
 @contextlib.contextmanager
 def _own_globals(device: str):
     """Training computes only from its config and checkpoint, never from what the caller did
@@ -248,15 +282,16 @@ def _own_globals(device: str):
     _train, once the checkpoint's is known) and the caller's values are restored afterwards,
     together with the caller's random state (training reseeds the global generator).
 
-    On CPU, deterministic kernels only (oneDNN's too): a run and its resumed twin must compute
-    bit for bit the same, whatever else the machine is doing."""
+    On CPU, deterministic kernels only (oneDNN's too) and no dynamic threads (OpenMP's, MKL's):
+    a run and its resumed twin must compute bit for bit the same, whatever else the machine
+    is doing."""
     cpu = device.startswith("cpu")
     saved = dict(threads=torch.get_num_threads(), dtype=torch.get_default_dtype(),
                  grad=torch.is_grad_enabled(), precision=torch.get_float32_matmul_precision(),
                  flush=_flushing_denormals(),
                  det=(torch.are_deterministic_algorithms_enabled(),
                       torch.is_deterministic_algorithms_warn_only_enabled()),
-                 mkldnn=torch.backends.mkldnn.deterministic)
+                 mkldnn=torch.backends.mkldnn.deterministic, dynamic=dynamic_threads())
     with torch.random.fork_rng(devices=[] if cpu else None):
         try:
             torch.set_default_dtype(torch.float32)          # a float64 default: a float64 model
@@ -266,6 +301,7 @@ def _own_globals(device: str):
             if cpu:
                 torch.use_deterministic_algorithms(True, warn_only=True)
                 torch.backends.mkldnn.deterministic = True
+                set_dynamic_threads(dict.fromkeys(saved["dynamic"], 0))
             yield
         finally:
             torch.set_num_threads(saved["threads"])
@@ -275,6 +311,7 @@ def _own_globals(device: str):
             torch.set_flush_denormal(saved["flush"])
             torch.use_deterministic_algorithms(saved["det"][0], warn_only=saved["det"][1])
             torch.backends.mkldnn.deterministic = saved["mkldnn"]
+            set_dynamic_threads(saved["dynamic"])   # after set_num_threads, which turns MKL's off
 
 
 def _train(cfg, resume, rank, world, master, out, ckpt_path) -> Path:
