@@ -191,8 +191,9 @@ assert len(sp.encode(request)) < len(stories_only.encode(request)) and growth < 
 # ("▁story", "INST", "▁about") moved from story words to request words. Fine-tuning pays for
 # every prompt token in every step, so this is chapter 3's fine-tuning made faster.
 #
-# So only 192 of our 512 ids are learned merges. How much text does one token carry? A bigger vocabulary packs more bytes into each
-# token (shorter sequences, a bigger embedding table). We train a few sizes on a sample:
+# All told, only 189 of our 512 ids are learned merges. How much text does one token carry?
+# A bigger vocabulary packs more bytes into each token (shorter sequences, a bigger embedding
+# table). We train a few sizes on a sample of the stories:
 
 # %%
 sample = train_docs[:2000]

@@ -97,14 +97,16 @@ class Attention(nn.Module):
             self.cache_v[:B, start_pos:start_pos + T] = v
             k = self.cache_k[:B, :start_pos + T]
             v = self.cache_v[:B, :start_pos + T]
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)   # (B, H, T, hd)
+        # the fused kernel shares each KV head among n_rep query heads itself (enable_gqa): no
+        # copies of k and v, nor their sum in the backward pass; the reference path copies
+        if not self.use_sdpa:
+            k, v = repeat_kv(k, self.n_rep), repeat_kv(v, self.n_rep)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)   # (B, heads, T, hd)
         # query t (absolute position start_pos + t) sees keys 0 .. start_pos + t
         S = k.shape[2]
         mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
         p = self.dropout if self.training else 0.0
-        # the fused kernel shares each KV head among n_rep query heads itself (enable_gqa): no
-        # copies of k and v, nor their sum in the backward pass
-        gqa = self.n_rep > 1
+        gqa = self.use_sdpa and self.n_rep > 1
         if self.use_sdpa and S == T:   # plain causal: the fused kernel builds the mask itself
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True,
                                                  enable_gqa=gqa)
@@ -112,8 +114,6 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p,
                                                  enable_gqa=gqa)
         else:
-            k = repeat_kv(k.transpose(1, 2), self.n_rep).transpose(1, 2)
-            v = repeat_kv(v.transpose(1, 2), self.n_rep).transpose(1, 2)
             out = attention_explicit(q, k, v, mask, p, self.training)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 

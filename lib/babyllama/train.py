@@ -503,7 +503,7 @@ class FinetuneConfig(TrainConfig):
     requests: int = 4000                # (request, story) pairs to train on
     data: str = "requests"
     out_dir: str = "out/finetune"
-    max_iters: int = 1600
+    max_iters: int = 1800
     batch_size: int = 4                 # at equal tokens, more small steps copied sooner than
                                         # fewer large ones (16 rows: 88% after 2.2M tokens),
                                         # but 2 rows copied nothing in 1,200 steps
