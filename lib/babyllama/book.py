@@ -24,7 +24,7 @@ BOOK_BATCH = 8             # for a fixed number of tokens, more and smaller step
 BOOK_WARMUP = 20           # chapter 03 stops at iteration 20 to show an early sample, then
                            # resumes: as long as 20 <= warmup, that equals one straight run
 BOOK_SEED = 0
-FINETUNE_ITERS = 1800      # x 4 requests, 9 in 10 steps on the opening only (~760k tokens)
+FINETUNE_ITERS = 1800      # x 4 requests, 19 in 20 steps on the opening only (~710k tokens)
 # three requests whose (name, animal, object) never occur in the fine-tuning data
 BOOK_REQUESTS = ["Tell me a story about a shy fox named Max who finds a red lantern.",
                  "Write a story about Lily, a curious owl who finds a blue teapot.",
