@@ -25,6 +25,9 @@ BOOK_WARMUP = 20           # chapter 03 stops at iteration 20 to show an early s
                            # resumes: as long as 20 <= warmup, that equals one straight run
 BOOK_SEED = 0
 FINETUNE_ITERS = 1800      # x 4 requests, 19 in 20 steps on the opening only (~710k tokens)
+# both cores of the book's 2-core budget, as pretraining: 1.27x faster than one when the machine
+# is otherwise idle (train.FinetuneConfig says why one is the default)
+FINETUNE_THREADS = min(2, os.cpu_count() or 1)
 # three requests whose (name, animal, object) never occur in the fine-tuning data
 BOOK_REQUESTS = ["Tell me a story about a shy fox named Max who finds a red lantern.",
                  "Write a story about Lily, a curious owl who finds a blue teapot.",
@@ -154,7 +157,8 @@ def ensure_finetuned(p: Paths, progress: bool = True, max_iters: int = FINETUNE_
 
     ckpt = ensure_model(p, progress)
     if not p.ft_ckpt.exists() or p.ft_ckpt.stat().st_mtime < ckpt.stat().st_mtime:
-        finetune(ckpt, p.ft_dir, p.tok_bin, max_iters=max_iters, progress=progress)
+        finetune(ckpt, p.ft_dir, p.tok_bin, max_iters=max_iters, progress=progress,
+                 threads=FINETUNE_THREADS)
     if not p.chat_bin.exists() or p.chat_bin.stat().st_mtime < p.ft_ckpt.stat().st_mtime:
         write_model(Transformer.from_pretrained(p.ft_ckpt), p.chat_bin, version=0)
     return p.chat_bin

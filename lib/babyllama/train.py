@@ -519,8 +519,9 @@ class FinetuneConfig(TrainConfig):
     # requests after 1,800 iterations, 1 in 20 49, with answers ending as often (50 of 50)
     answer_head: int = 48
     head_share: float = 0.95
-    # its matrices are small: on our 2 busy cores one thread ran 11.6 iterations/s and two
-    # threads 0.3 (waiting on each other); --threads asks for more
+    # its matrices are small: on 2 quiet cores a second thread is 1.27x faster (4,800 -> 6,100
+    # tokens/s), but on 2 busy ones two threads ran 10x slower than one (each waits for the
+    # other at every op); one is the safe default, --threads asks for more (the book: 2)
     threads: int | None = 1
 
 
