@@ -24,7 +24,8 @@
 #
 # In this chapter we
 # 1. learn BPE merges by hand on a paragraph,
-# 2. train a real 512-piece vocabulary on the book's story corpus,
+# 2. train a real 512-piece vocabulary on the book's story corpus (and the requests that
+#    chapter 3 will prompt the model with),
 # 3. write llama2.c's `tokenizer.bin`, and
 # 4. write our own encoder that reads only `tokenizer.bin` — and check it gives exactly
 #    SentencePiece's ids.
