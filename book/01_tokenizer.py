@@ -134,9 +134,10 @@ for i, (a, b) in enumerate(toy_merges):
 # **What it reads.** A tokenizer should know the text its model will be prompted with, not
 # only the text it is trained on. Chapter 3 ends by teaching the model to answer requests in
 # Llama 2's chat format — `[INST] Tell me a story about a shy fox named Max who finds a red
-# lantern. [/INST]` — and our stories never say "[INST]", "story" or "about". So the tokenizer
-# trains on the stories *and* 20,000 such requests (`data.tokenizer_docs`): below we measure
-# what that buys.
+# lantern. [/INST]` — and our stories never write "[" or "]", and say "story" and "about" too
+# rarely (a few thousand times in 2.7 million words) to earn a merge. So the tokenizer trains on
+# the stories *and* 20,000 such requests (`data.tokenizer_docs`): below we measure what that
+# buys.
 
 # %%
 book.ensure_tokenizer(paths)
@@ -177,22 +178,25 @@ assert singles == list(range(singles[0], sp.vocab_size())) and out_of_order == 0
 stories_only = spm.SentencePieceProcessor(model_file=str(train_tokenizer(
     train_docs, paths.out / "vocab_sweep" / "tok512_stories_only", 512)))
 request = "[INST] Tell me a story about a shy fox named Max who finds a red lantern. [/INST]"
+turns = D.tokenizer_docs([], requests=1000)   # 1,000 of the requests chapter 3 trains on
 story_tokens = {}
 for name, m in (("stories only", stories_only), ("stories + requests", sp)):
     story_tokens[name] = sum(len(ids) for ids in m.encode(val_docs))
+    prompt = 1 + np.mean([len(ids) for ids in m.encode(turns)])   # + BOS, as chat mode feeds
     print(f"{name:>18}: the request is {len(m.encode(request)):2d} tokens "
-          f"{m.encode(request, out_type=str)[:8]} ...; validation stories "
-          f"{story_tokens[name]:,} tokens")
+          f"{m.encode(request, out_type=str)[:8]} ...;\n{'':20}a prompt (BOS + request) "
+          f"{prompt:.1f} on average; validation stories {story_tokens[name]:,} tokens")
 growth = story_tokens["stories + requests"] / story_tokens["stories only"] - 1
 print(f"stories grow by {growth:.1%} (bound 5%)")
 assert len(sp.encode(request)) < len(stories_only.encode(request)) and growth < 0.05
 
 # %% [markdown]
-# A request shrinks by about a third, and stories grow by a few percent: a handful of merges
-# ("▁story", "INST", "▁about") moved from story words to request words. Fine-tuning pays for
-# every prompt token in every step, so this is chapter 3's fine-tuning made faster.
+# A request shrinks by about a third (a chapter 3 prompt from ~59 tokens to ~42), and stories
+# grow by a few percent: a handful of merges ("▁story", "INST", "▁about") moved from story
+# words to request words. Fine-tuning pays for every prompt token in every step, so each of
+# chapter 3's fine-tuning steps gets cheaper (not fewer of them: chapter 3 shows both).
 #
-# All told, only 189 of our 512 ids are learned merges. How much text does one token carry?
+# All told, under 200 of our 512 ids are learned merges. How much text does one token carry?
 # A bigger vocabulary packs more bytes into each token (shorter sequences, a bigger embedding
 # table). We train a few sizes on a sample of the stories:
 

@@ -24,7 +24,7 @@ BOOK_BATCH = 8             # for a fixed number of tokens, more and smaller step
 BOOK_WARMUP = 20           # chapter 03 stops at iteration 20 to show an early sample, then
                            # resumes: as long as 20 <= warmup, that equals one straight run
 BOOK_SEED = 0
-FINETUNE_ITERS = 1800      # x 4 requests, 19 in 20 steps on the opening only (~710k tokens)
+FINETUNE_ITERS = 1800      # x 4 requests, 9 in 10 steps on the opening only (~760k tokens)
 # both cores of the book's 2-core budget, as pretraining: 1.27x faster than one when the machine
 # is otherwise idle (train.FinetuneConfig says why one is the default)
 FINETUNE_THREADS = min(2, os.cpu_count() or 1)
