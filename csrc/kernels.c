@@ -267,7 +267,7 @@ static void row_q80(float *out, int ldo, const bl_qtensor *x, const int8_t *wq, 
  * ((float)ival * ws) * xs in group order, qdot's float operations, so every result is qdot's
  * to the bit. */
 #define QR 8
-#define QT 4
+#define QT 5
 
 /* rows [r, r + nr) of w (nr <= 8) into wp (8n bytes): values 4c..4c+3 of row i at
  * wp[32c + 4i], and their scales at sp[8g + i]; the rows past nr are zeros (not stored) */
