@@ -256,7 +256,7 @@ def test_activation_quantizers_stay_in_range_and_agree_on_subnormal_groups():
 
 
 def test_activation_quantizer_of_narrow_groups_equals_numpy():
-    """4-wide groups are quantized two at a time (kernels.c): every kind of group beside every
+    """4-wide groups are quantized two at a time (quantize.c): every kind of group beside every
     other (normal, zero, -0.0, subnormal, huge, infinite, NaN) and a last group alone give
     NumPy's bytes and scales; 8-wide groups (one vector each) likewise."""
     from babyllama.inference_numpy import quantize_rows
