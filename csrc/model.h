@@ -213,7 +213,7 @@ static inline void rope(float *vec, int n, int head_size, const double *fcos, co
 /* one query head over cached positions 0..pos: out (head_size,) = softmax(q K^T / sqrt(hs)) V,
  * with kh, vh one KV head's cache (positions x head_size); att (pos + 1,), qd (head_size,)
  * scratch. q is converted to double once, not once per position. The weighted sum of V runs
- * over 16 outputs at a time, all positions for each (the 16 sums stay in registers instead of
+ * over 32, 16 or 8 outputs at a time, all positions for each (the sums stay in registers instead of
  * going to memory and back at every position); each output adds its terms in position order. */
 static inline void attend(float *out, const float *q, const float *kh, const float *vh, int pos,
                           int head_size, double *att, double *qd) {
@@ -253,7 +253,13 @@ static inline void attend(float *out, const float *q, const float *kh, const flo
             for (int i = 0; i < 16; i++) a[i] += att[t] * vh[(size_t)t * head_size + i0 + i];
         for (int i = 0; i < 16; i++) out[i0 + i] = (float)a[i];
     }
-    for (int i = i0; i < head_size; i++) {   /* head sizes not a multiple of 16 */
+    for (; i0 + 8 <= head_size; i0 += 8) {   /* stories260K's heads are 8 wide */
+        double a[8] = {0.0};
+        for (t = 0; t <= pos; t++)
+            for (int i = 0; i < 8; i++) a[i] += att[t] * vh[(size_t)t * head_size + i0 + i];
+        for (int i = 0; i < 8; i++) out[i0 + i] = (float)a[i];
+    }
+    for (int i = i0; i < head_size; i++) {   /* head sizes not a multiple of 8 */
         double a = 0.0;
         for (t = 0; t <= pos; t++) a += att[t] * vh[(size_t)t * head_size + i];
         out[i] = (float)a;

@@ -159,7 +159,8 @@ def test_written_file_with_subnormal_weights_loads_in_both(tmp_path):
 # the SIMD group sums at the ends of the range
 
 IDOT_DRIVER = Path(__file__).resolve().with_name("idot_driver.c")
-IDOT_SHAPES = [(8, 9), (32, 9), (48, 9), (64, 9)]   # (gs, ngroups): 8 groups at once, then 1
+IDOT_SHAPES = [(4, 17), (8, 9), (16, 9), (32, 9), (48, 9), (64, 9)]   # (gs, ngroups): 8 groups
+# at once (narrow groups: one vector of 8 group sums), then the rest
 
 
 def extreme_rows(gs: int, ngroups: int) -> tuple[np.ndarray, np.ndarray]:
@@ -252,3 +253,24 @@ def test_activation_quantizers_stay_in_range_and_agree_on_subnormal_groups():
     assert np.array_equal(q, q_np)
     assert q.min() >= -127 and q.max() <= 127
     assert list(q[::GS]) == [127, -127, 127, -127]
+
+
+def test_activation_quantizer_of_narrow_groups_equals_numpy():
+    """4-wide groups are quantized two at a time (quantize.c): every kind of group beside every
+    other (normal, zero, -0.0, subnormal, huge, infinite, NaN) and a last group alone give
+    NumPy's bytes and scales; 8-wide groups (one vector each) likewise."""
+    from babyllama.inference_numpy import quantize_rows
+
+    kinds = [[0.3, -1.5, 2.0, 0.01], [0, 0, 0, 0], [-0.0, 0, -0.0, 0],
+             [190 * TINIEST, -3 * TINIEST, 0, TINIEST], [3e38, -3e38, 1, 0],
+             [np.inf, 1, 2, 3], [1, np.nan, 2, 3], [-2.0, 1, 1, 1]]
+    pairs = [a + b for a in kinds for b in kinds] + [kinds[0]]   # 129 groups: a tail of one
+    rng = np.random.default_rng(7)
+    for x, gs in ((np.array([v for p in pairs for v in p], np.float32), 4),
+                  (rng.standard_normal(4 * 8 * 33).astype(np.float32), 4),
+                  (rng.standard_normal(8 * 33).astype(np.float32), 8)):
+        with np.errstate(invalid="ignore", over="ignore"):
+            q_np, s_np = quantize_rows(x, gs)
+        q, s = c_quantize(x, gs)
+        assert np.array_equal(s, s_np, equal_nan=True), gs
+        assert np.array_equal(q, q_np), gs

@@ -35,6 +35,12 @@ SHAPES = {
     # 8 and 9 groups of 32 a row: the int8 prefill tile's eight-group blocks, and its tail
     "groups8": (ModelArgs(dim=256, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=131,
                           max_seq_len=160, hidden_dim=288), 32),
+    # groups narrower than 32, summed 8 groups a step (simd.h): stories260K's shape with its
+    # 4-wide groups (43 groups in a w2 row: a tail of 3), and 16-wide groups
+    "gs4": (ModelArgs(dim=64, n_layers=1, n_heads=8, n_kv_heads=4, vocab_size=512,
+                      max_seq_len=160, hidden_dim=172), 4),
+    "gs16": (ModelArgs(dim=160, n_layers=1, n_heads=5, n_kv_heads=5, vocab_size=200,
+                       max_seq_len=160, hidden_dim=208), 16),
 }
 
 
@@ -86,7 +92,7 @@ def test_prefill_is_token_by_token_bit_for_bit(files, version):
     attention is the same function, so the logits are equal, not just close: 70 tokens (a last
     token tile of 4 fp32 / 2 int8), rows at the tiles' edges (vocab 301, 131; KV dim 20), at 1
     and 2 threads."""
-    for name in ("gqa", "tails", "groups8"):
+    for name in ("gqa", "tails", "groups8", "gs4", "gs16"):
         for threads in (1, 2):
             e = CLlama.load(files[name, version], threads=threads)
             toks = prompt(e.args.vocab_size, 70, seed=4)
@@ -224,20 +230,21 @@ def simd_paths() -> list[tuple[str, str]]:
 def test_every_simd_path_gives_the_same_int8_results(tmp_path, files):
     """Group sums are exact int32 on every path: int8 logits are equal bit for bit across the
     paths (and to NumPy within the usual tolerance); fp32 ones differ only by summation order."""
-    models = [files["gqa", 2], files["gs48", 2], files["tails", 2], files["groups8", 2],
-              files["gqa", 0]]
+    int8 = [files[name, 2] for name in ("gqa", "gs48", "tails", "groups8", "gs4", "gs16")]
+    models = [*int8, files["gqa", 0]]
     results = {p: run_with_path(tmp_path, p, extra, models) for p, extra in simd_paths()}
     base = results.pop("portable")
     ref = NumpyLlama.load(models[0]).forward_tokens(
         np.random.default_rng(0).integers(3, 300, 70).tolist(), 0)
     assert np.abs(base["prefill0"] - ref).max() <= 1e-3
     for path, res in results.items():
-        for i in range(4):   # the int8 models
+        for i in range(len(int8)):
             for kind in ("prefill", "forward"):
                 assert np.array_equal(res[f"{kind}{i}"], base[f"{kind}{i}"]), (path, kind, i)
-        assert np.abs(res["prefill4"] - base["prefill4"]).max() <= 1e-4, path
+        fp32 = f"prefill{len(int8)}"
+        assert np.abs(res[fp32] - base[fp32]).max() <= 1e-4, path
     for path, res in [("portable", base), *results.items()]:   # the tiles keep the matvec's order
-        for i in range(5):
+        for i in range(len(models)):
             assert np.array_equal(res[f"prefill{i}"], res[f"forward{i}"]), (path, i)
 
 

@@ -34,7 +34,7 @@ from babyllama.context import check_generate_args
 from babyllama.inference_numpy import NonFiniteError, XorShiftRng, check_sampling, random_seed
 
 CSRC = Path(__file__).resolve().parent.parent.parent / "csrc"
-LIB_SOURCES = ("kernels.c", "model.c", "prefill.c", "tokenizer.c", "context.c")
+LIB_SOURCES = ("kernels.c", "quantize.c", "model.c", "prefill.c", "tokenizer.c", "context.c")
 HEADERS = ("babyllama.h", "kernels.h", "model.h", "simd.h")
 BASE_FLAGS = ["-std=c11", "-fPIC", "-ffp-contract=off", "-Wall", "-Wextra"]
 DEFAULT_CFLAGS = "-O3 -march=native"
