@@ -587,9 +587,9 @@ assert gain > 0.5
 #
 # And read the answers, not only the count: `stories.honours` asks only that the name, the
 # animal and the object appear, and all three sit in the opening. After it, the answers above
-# wander, misspell ("lanter": a piece-level copy that stopped one piece short) or repeat
-# themselves, because decoding is greedy and only one step in ten trained on whole stories.
-# The metric measures following a request, not story quality.
+# wander, repeat a sentence or misspell ("lanterning": a piece-level copy that went one piece
+# too far), because decoding is greedy and only one step in ten trained on whole stories. The
+# metric measures following a request, not story quality.
 #
 # **Copying appears suddenly.** Runs outside this notebook (greedy, the C engine, 50
 # held-out requests; rows of 4, each run on its own schedule, peak learning rate 3e-3):

@@ -388,7 +388,7 @@ plt.show()
 #   multiplies by the scales; and before every matmul it quantizes the activations. So int8's
 #   limit is in *weights per second* (tok/s × weights per token), while fp32's is bandwidth ÷
 #   4 bytes weights per second. The gain of int8 over fp32 is the ratio of the two:
-#   `gain ≈ int8 weights/s × 4 bytes ÷ bandwidth` — 2 to 2.5× in our runs on this machine,
+#   `gain ≈ int8 weights/s × 4 bytes ÷ bandwidth` — 2.5 to 3× in our runs on this machine,
 #   for 15M and 110M alike (the cell below computes it from this run's numbers).
 # - **The gain depends on the CPU.** It is the ratio of two different limits, int8
 #   arithmetic against fp32 memory traffic: `gain ≈ int8 weights/s × 4 bytes ÷ bandwidth`. A
@@ -416,17 +416,20 @@ for s in ("stories15M", "stories110M"):
           f"{rate8 * 4 / (bw * 1e9):.1f}×, measured {int8 / fp32:.1f}×")
 
 # %% [markdown]
-# ### Why stories260K int8 is so much slower than fp32
+# ### Why stories260K int8 is slower than fp32
 #
 # stories260K's `hidden_dim` is 172 = 4 × 43. Q8_0 groups must divide both `dim` (64) and
-# `hidden_dim`, so the group size falls to **4**. In `idot` above, groups of 4 match neither
-# SIMD branch (multiples of 32 or 16), so every group runs the scalar loop: 4 multiply-adds,
-# then a conversion and two multiplies by the scales, and the activations are quantized in
-# groups of 4 as well. fp32 meanwhile does 8 multiply-adds per instruction on 4 rows, and the
-# whole fp32 model (1 MB) sits in the caches. The table above shows the cost: int8 several
-# times slower than fp32 (between 5× and 9× in our runs, depending on how busy the machine
-# was). To see that the group size is the culprit, we give the same model `hidden_dim` 192
-# (= 3 × 64), which allows groups of 64, and time both.
+# `hidden_dim`, so the group size falls to **4**. A group of 4 is too short for `idot`'s SIMD
+# branches above (multiples of 32 or 16), and a first version ran every such group through
+# the scalar loop: int8 was 5 to 9 times slower than fp32. Now `qdot` computes the exact sums
+# of 8 narrow groups in the lanes of one vector per step, and the activations are quantized
+# two 4-wide groups at a time, each sum and scale still in the scalar loop's order (the same
+# bits). int8 stays about 2× slower than fp32 on this model for two reasons the table shows:
+# the whole fp32 model (1 MB) sits in the caches, so fp32 never waits on memory and int8's
+# smaller file buys nothing; and with groups of 4, int8 pays a conversion and two scale
+# multiplies every 4 weights (every 32 in 15M). To see that the group size itself no longer
+# costs much, we give the same model `hidden_dim` 192 (= 3 × 64), which allows groups of 64,
+# and time both.
 
 # %%
 # NBVAL_IGNORE_OUTPUT
@@ -554,9 +557,10 @@ else:
 # `csrc/prefill.c` does this in blocks of up to 64 tokens. Its kernels (`bl_matmats_f32`,
 # `bl_matmats_q80` in `csrc/kernels.c`) keep a panel of weight rows in the L2 cache while all
 # the tokens pass over it, and inside the panel a tile of rows × tokens keeps its sums in
-# registers (fp32: 2 rows × 6 tokens, 12 accumulators; int8: 2 rows × 4 tokens, the 8 pairs in
-# the lanes of one vector). Attention stays per token: token t of the block sees the KV cache up to its own
-# position (causal), which the block writes for all its tokens first. The classifier runs for
+# registers (fp32: 2 rows × 6 tokens, 12 accumulators; int8: 8 rows × 5 tokens, on a copy of
+# the 8 rows laid out so that each vector lane builds one (row, token) group sum on its own —
+# no adding across lanes). Attention stays per token: token t of the block sees the KV cache
+# up to its own position (causal), which the block writes for all its tokens first. The classifier runs for
 # the last token only. Each (row, token) sum is added in the same order as the decoding
 # kernel's, so the logits are the very same numbers as token by token:
 
