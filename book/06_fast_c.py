@@ -257,12 +257,14 @@ print("Once upon a time" + "".join(tok.stream(engine.generate(start, 256, 0.8, 0
 #   threads; combining the chunks in a fixed order keeps the result the same for any thread
 #   count.
 #
-# On the machine this book was written on (2 cores), `bench/bench_engines.py --llama2c`
+# On a quiet 2-core AMD EPYC (AVX2, December 2026), `bench/bench_engines.py --llama2c`
 # measured our CLI against llama2.c's `run` and `runq` (built `-Ofast -fopenmp
 # -march=native`) on the same files, as the median ratio (our tokens/s ÷ llama2.c's: above 1,
-# ours is faster) of 7 back-to-back pairs, at 1 and 2 threads: stories15M fp32 1.16× and
-# 1.24×, int8 1.45× and 1.54×; stories110M fp32 1.20× and 1.22×, int8 1.54× and 1.39×;
-# stories260K fp32 1.10× and 1.45×, int8 1.36× and 1.37×.
+# ours is faster) of 7 back-to-back pairs, at 1 and 2 threads: stories15M fp32 0.93× and
+# 0.98×, int8 1.59× and 1.82×; stories110M fp32 0.98× and 1.01×, int8 1.52× and 1.55×;
+# stories260K fp32 1.40× and 1.17×, int8 4.71× and 2.82×. In fp32 both programs stream the
+# weights at ~85% of what one core can read (section 6.5), so there is nothing left for a
+# matrix–vector product to win; in int8 the arithmetic is the limit, and ours does less of it.
 #
 
 # %% [markdown]
