@@ -263,7 +263,7 @@ print("Once upon a time" + "".join(tok.stream(engine.generate(start, 256, 0.8, 0
 # ours is faster) of 7 back-to-back pairs, at 1 and 2 threads: stories15M fp32 0.93× and
 # 0.98×, int8 1.59× and 1.82×; stories110M fp32 0.98× and 1.01×, int8 1.52× and 1.55×;
 # stories260K fp32 1.40× and 1.17×, int8 4.71× and 2.82×. In fp32 both programs stream the
-# weights at ~85% of what one core can read (section 6.5), so there is nothing left for a
+# weights at ~85% of what one core can read (§6.5), so there is nothing left for a
 # matrix–vector product to win; in int8 the arithmetic is the limit, and ours does less of it.
 #
 
