@@ -475,8 +475,8 @@ print(len(first_ids), "ids, starting", first_ids[:8])
 # The session keeps one KV cache for the whole conversation: a new turn costs only its own
 # tokens (the previous reply's EOS, BOS, the rendered turn), fed in one `prefill` call,
 # never a re-encoding of what came before. Our book model was trained on stories, not on
-# conversations, so it answers with a story opening whatever we ask (the last section of
-# chapter 3 fine-tunes it on requests); here we only watch the mechanics, capping the
+# conversations, so it answers with a story opening whatever we ask (the next section
+# fine-tunes it on requests); here we only watch the mechanics, capping the
 # conversation at 160 positions.
 
 # %%
@@ -488,7 +488,234 @@ print("fed:", [len(ids) for ids in session.fed[:3]], "... one id at a time for t
 print("reply:", tok.decode(reply)[:200])
 
 # %% [markdown]
-# ## 5.6 Past the end of the context: the shift
+# ## 5.6 Instruction tuning: a model that follows requests
+#
+# The book model continues stories: asked for one in chat mode (5.5), it tells a story, but
+# not the one requested. To make it answer a request, we keep training it — chapter 3's loop,
+# back in PyTorch for this one section — on requests and their answers. The story generator writes
+# those too: a request such as "Tell me a story about a shy fox named Max who finds a red
+# lantern." and a short story that honours every detail of it (the name, the trait, the
+# animal, the object and its colour). Every answer opens the same way, restating the request
+# — "Once upon a time, there was a shy fox named Max. One day, Max found a red lantern." —
+# and the rest of the story keeps using those details. Why that fixed opening matters is the
+# subject of the end of this section.
+#
+# Each pair becomes one training row: BOS, the request rendered with Llama 2's chat template
+# exactly as chat mode will render it (`[INST] … [/INST]`, `babyllama.chat.encode_turn`,
+# 5.5), then the story and EOS. So the model is trained on exactly the ids it will be
+# prompted with, and it learns to stop: EOS ends its turn.
+#
+# The loss is *masked*: only the answer is trained. The targets of every request token (and
+# of the padding after EOS) are set to -1, and the cross-entropy in `Transformer.forward`
+# ignores them (`ignore_index=-1`). The model is never taught to predict the user's words,
+# only to answer them.
+
+# %%
+import re
+
+from babyllama import data as D
+from babyllama.instruct import answer, evaluate_requests
+from babyllama.stories import generate_requests, is_held_out
+from babyllama.train import read_log
+
+(req, story), = generate_requests(1, seed=0)
+x, y = D.request_rows(tok, 1, args.max_seq_len, seed=0)
+n_prompt = len(encode_turn(tok, req.text))
+print(req.text)
+n_answer = (y[0] >= 0).sum()      # the answer's ids and EOS: the only targets kept
+# + 1: the prompt's last position is not padding, its target is the answer's first id
+print(f"prompt: {n_prompt} ids, answer: {n_answer} ids, "
+      f"padding: {args.max_seq_len - n_prompt - n_answer + 1} positions")
+
+
+def char_piece(i: int) -> str:   # a byte piece <0x5D> shown as its character "]"
+    raw = tok.pieces[int(i)]
+    return chr(int(raw[3:5], 16)) if raw.startswith(b"<0x") else raw.decode("utf-8", "replace")
+
+
+for t in range(n_prompt - 4, n_prompt + 3):   # around the end of the prompt
+    target = "(ignored)" if y[0, t] < 0 else repr(char_piece(y[0, t]))
+    print(f"position {t:3d}: input {char_piece(x[0, t])!r:12} -> target {target}")
+
+# %% [markdown]
+# The masked loss is the mean cross-entropy over the answer positions only. We check the
+# model's number against one computed by hand:
+
+# %%
+base = Transformer.from_pretrained(book.ensure_model(paths)).eval()   # chapter 3's checkpoint
+xb, yb = (torch.from_numpy(a) for a in D.request_rows(tok, 8, args.max_seq_len, seed=1))
+with torch.no_grad():
+    logits, loss = base(xb, yb)
+keep = yb >= 0
+by_hand = -torch.log_softmax(logits[keep], -1).gather(1, yb[keep][:, None]).mean()
+print(f"masked loss of the book model on requests: {loss.item():.3f} "
+      f"(by hand: {by_hand.item():.3f}, over {keep.sum().item()} of {keep.numel()} positions)")
+assert abs(loss.item() - by_hand.item()) < 1e-4
+
+# %% [markdown]
+# **Copying is the hard part.** To honour a request it has never seen, the model must copy
+# "Max", "fox" and "lantern" from the prompt into its answer. With our 512-piece vocabulary a
+# word is several pieces ("▁M", "a", "x"; "▁f", "o", "x"), so copying a word means finding its
+# first piece back in the context and continuing it. Does the book model do that in its own
+# stories, where the hero's name comes back again and again? We measure the probability it
+# gives the first piece of the hero's name at the name's first mention (which nothing
+# predicts) and at every later one (which copying would predict):
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+# (the probabilities depend on the trained weights, whose last bits depend on the CPU)
+p_name: dict[str, list[float]] = {"first": [], "later": []}
+val_docs = D.load_corpus("stories", paths.data)[1]   # the held-out stories
+for text in val_docs[:40]:
+    hero = re.search(r"(?:named|called|name was) ([A-Z][a-z]+)", text) or \
+        re.match(r"([A-Z][a-z]+) was", text)
+    ids = tok.encode(text, bos=True)[:args.max_seq_len]
+    name = tok.encode(hero.group(1), bos=False)
+    with torch.no_grad():
+        logp = torch.log_softmax(base(torch.tensor([ids]))[0][0], -1)
+    hits = [t for t in range(1, len(ids) - len(name) + 1) if ids[t:t + len(name)] == name]
+    for k, t in enumerate(hits):
+        p_name["first" if k == 0 else "later"].append(logp[t - 1, ids[t]].exp().item())
+for k, v in p_name.items():
+    print(f"p(first piece of the hero's name), {k:5} mentions: {np.mean(v):.2f} over {len(v)}")
+
+# %% [markdown]
+# Later mentions are no more likely than the first (the two numbers above): after 614,400
+# tokens the book model has learned how a story goes and how names are spelled, but not yet
+# to look back and copy which name this story is about (in a run outside this notebook,
+# trained twice as long, it started to). A fine-tuning run
+# whose answers start in many different ways stays in that state: we first tried answers
+# opening with the corpus's varied sentences, and after 100 iterations 0 of 50 requests were
+# honoured, held-out or not — the answers had the right form and an invented cast.
+#
+# So the answers open with the same two sentences, which restate the request. Every detail
+# then has a fixed place right after `[/INST]` ("named" → the name, "found a red" → the
+# object), and the gradient of every answer pushes the same attention heads to look back at
+# the prompt for it. This is a choice about the *data*, not the metric: the model still has
+# to copy, and the evaluation still asks only for (name, animal, object) combinations it has
+# never been trained on.
+#
+# The same observation tells us where to spend the fine-tuning budget. The copying is learned
+# in the opening, its first ~47 answer tokens on average; the rest of a story (another ~100)
+# teaches the plot and when to stop, which the book model nearly knows already. So about 9
+# steps in 10 (each step draws it) train on the first 48 answer tokens of each row only
+# (`answer_head`, `head_share` in `train.FinetuneConfig`; `data.get_request_batch` drops the
+# later targets and cuts the batch after them, which halves its cost), and the others on
+# whole stories. 48 was chosen with the stories-only tokenizer, whose openings were ~44
+# tokens; with ours, 3 openings in 10 are longer and their last words ("… red lantern.") fall
+# outside the short steps, so the whole ones teach those. No EOS is taught in the short
+# steps, so the model learns from the whole ones that a story goes on after its opening and
+# where it ends. Fewer whole steps save little and cost the rest of the story: with 1 in 20,
+# 1,800 iterations still honoured 49 of 50 held-out requests, but the answers looped after
+# their opening ("Ben showed the map to the map to the map …"). For the same number of
+# tokens, more steps of fewer rows (4) also did better than fewer of more (16).
+#
+# Fine-tuning is chapter 3's training loop, unchanged, started from the book model's
+# weights, with the request rows as data (and a cosine schedule of its own):
+# `babyllama finetune --from out/book/ckpt.pt --out out/finetune` (`train.finetune`). It
+# checkpoints and resumes exactly like `train`, and the result exports like any model.
+#
+# Where its time goes (measured outside this notebook): a short step is 4 rows of about 93
+# positions (the ~42-token prompt and the 48-token head, the batch cut after its longest
+# row; ~207 for a whole story), some 370 tokens, and timing each part of the step shows
+# forward and backward take 95% of it, the optimiser step 2-3%, clipping 2%, building the
+# batch under 1%. The step is bound by its arithmetic, like pretraining's, so it gets
+# cheaper only with fewer tokens or cheaper kernels, not by trimming the loop. Both were
+# done: the tokenizer learned the request words (chapter 1 measures the prompts: ~59 tokens
+# with the stories-only vocabulary, ~42 with ours, so a short step was 110 positions wide),
+# and `model.py` rotates with one complex multiply and lets the fused attention share each KV
+# head itself (no copies of k and v): ~10% off every training step, pretraining's too.
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+t0 = time.perf_counter()
+ft_bin = book.ensure_finetuned(paths, progress=False)   # reused when `babyllama book` made it
+ft_log = read_log(paths.ft_dir / "log.jsonl")
+ft_cfg = torch.load(paths.ft_ckpt, map_location="cpu", weights_only=True)["config"]
+print(f"{ft_cfg['max_iters']} iterations of {ft_cfg['batch_size']} requests, learning rate "
+      f"{ft_cfg['learning_rate']:g}, {ft_cfg['head_share']:.0%} of them on the first "
+      f"{ft_cfg['answer_head']} answer tokens only: {time.perf_counter() - t0:.0f} s")
+print("masked validation loss:", [(r["iter"], round(r["val_loss"], 3)) for r in ft_log
+                                  if "val_loss" in r])
+
+# %% [markdown]
+# Now we ask. The C engine of chapter 06 (`babyllama.fast_c`, compiled on first use) answers
+# much faster than the PyTorch model, over the two models exported as llama2.c files: the
+# book model (chapter 04's `book_v0.bin`) and the fine-tuned one (`book_chat.bin`). Answers
+# are greedy, and `answer` feeds exactly the ids chat mode would (`encode_turn`).
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+# (the answers depend on the trained weights, whose last bits depend on the CPU)
+from babyllama.fast_c import CLlama
+
+engines = {"before": CLlama.load(book.ensure_exports(paths)[0]),
+           "after": CLlama.load(ft_bin)}
+request = book.BOOK_REQUESTS[0]
+assert is_held_out("Max", "fox", "lantern")
+print(f"> {request}")
+for name, chat_engine in engines.items():
+    print(f"--- {name} fine-tuning ---\n{answer(chat_engine, tok, request)}\n")
+
+# %% [markdown]
+# And we measure: 50 held-out requests, before and after, and — to tell following from
+# recalling — 50 requests the model was fine-tuned on. An answer counts only when it names the
+# requested character, animal and object (`stories.honours`); the parts say how often each
+# of the three was named.
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+# (the counts depend on the trained weights; the assertion holds on any CPU)
+scores = {"before, held-out": evaluate_requests(engines["before"], tok, n=50),
+          "after, held-out": evaluate_requests(engines["after"], tok, n=50),
+          "after, fine-tuned on": evaluate_requests(engines["after"], tok, n=50,
+                                                    held_out=False)}
+for name, s in scores.items():
+    print(f"{name:21} {s}")
+gain = scores["after, held-out"].fraction - scores["before, held-out"].fraction
+print(f"fine-tuning raised the share of held-out requests honoured by {gain * 100:.0f} "
+      f"percentage points (bound: more than 50)")
+assert gain > 0.5
+
+# %% [markdown]
+# **Reading the numbers.** Compare the two "after" lines first: if the fine-tuned model did
+# better on requests it was trained on than on held-out ones, it would be recalling answers;
+# when the two are close, whatever it does, it does by reading the prompt. Then the parts:
+# the animal and the object are lowercase words spelled in several pieces, which only an
+# *induction* head (find the earlier occurrence of this piece, predict the piece that
+# followed it) can copy; a name starts with a capital letter, easier to find in the prompt.
+#
+# And read the answers, not only the count: `stories.honours` asks only that the name, the
+# animal and the object appear, and all three sit in the opening. After it, the answers above
+# wander, repeat a sentence or misspell ("lanterning": a piece-level copy that went one piece
+# too far), because decoding is greedy and only one step in ten trained on whole stories. The
+# metric measures following a request, not story quality.
+#
+# **Copying appears suddenly.** Runs outside this notebook (greedy, the C engine, 50
+# held-out requests; rows of 4, each run on its own schedule, peak learning rate 3e-3):
+#
+# | tokenizer | iterations | whole-story steps | tokens processed | honoured |
+# | --- | --- | --- | --- | --- |
+# | ours (stories + requests) | 1,600 | 1 in 10 | ~670,000 | 43 / 50 |
+# | ours | **1,800 (the book)** | 1 in 10 | ~760,000 | 48 / 50 |
+# | ours | 2,000 | 1 in 10 | ~840,000 | 49 / 50 |
+# | ours | 1,800 | 1 in 20 | ~710,000 | 49 / 50, answers loop |
+# | stories only | 1,000 | 1 in 10 | ~490,000 | 14 / 50 |
+# | stories only | 1,300 | 1 in 10 | ~630,000 | 34 / 50 |
+# | stories only | 1,600 | 1 in 10 | ~780,000 | 47 / 50 |
+# | stories only | 1,200, peak lr 4.5e-3 / 6e-3 | 1 in 10 | ~590,000 | 8 / 50, 1 / 50 |
+# | stories only | 1,600 of 2 rows | 1 in 10 | ~390,000 | 1 / 50 |
+# | stories only | 600 of 16 rows | all | 2.2 million | 44 / 50 |
+#
+# At equal iterations the two tokenizers are close (the stories-only 1,600 did better, within
+# what a second seed could change); ours makes each iteration cheaper: its rows are ~17
+# positions shorter, so the book's 1,800 iterations cost less than 1,600 did. Nor did
+# pretraining on windows in which spans of text were repeated grow copying in the book's 300
+# iterations: with a quarter of the windows edited that way, the model predicted a repeated
+# span no better than the first time it read it, and its validation loss was 1.19 instead of
+# 1.04 (stories-only tokenizer).
+# %% [markdown]
+# ## 5.7 Past the end of the context: the shift
 #
 # The KV cache has `max_seq_len` slots (256 for the book model). `run.c` simply stops there.
 # To go on, the window has to *shift*: keep the first `n_keep` tokens (at least BOS — models
