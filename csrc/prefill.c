@@ -88,7 +88,9 @@ static void matmats(bl_model *m, Scratch *s, const float *x, int T, int n, int c
  * and each key and value row loaded serves both queries. Every number is attend's (model.h):
  * each score sums q[i] * k[i] in four partial sums (i mod 4, in order of i; a tail into the
  * first) added as (s0 + s1) + (s2 + s3), then / sqrt(head_size) and softmax_d, and each output
- * adds att[p] * v[p][i] in order of position, so the logits are the same bits either way. */
+ * adds att[p] * v[p][i] in order of position, so the logits are the same bits either way.
+ * Measured on AMD Zen 3 against attend per (token, head): 1.03-1.13x, little, because each
+ * pair of queries still streams the head's keys and values (in double) from L2. */
 
 /* the score of query qd against key k, both double: dot_d's sums */
 static inline double dot_dd(const double *qd, const double *k, int n) {
