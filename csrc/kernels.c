@@ -152,48 +152,88 @@ void bl_matmuls_q80(const bl_matvec *jobs, int njobs, const bl_qtensor *x, int n
 /* ---------------------------------------------------------------------------------------- */
 /* matrix-matrix products for a batch of T tokens (prefill): out (T, d) = x (T, n) @ W^T.
  * A matvec reads every weight once per token from DRAM; here a panel of rows is read once and
- * kept in L2 while all T tokens pass over it, and inside a panel a tile of rows x tokens keeps
- * its sums in registers, so each loaded weight vector serves several tokens and each loaded
- * x vector several rows. (Q8_0 on AVX2/VNNI goes the other way round: a block of 8 rows,
+ * kept in L2 while all T tokens pass over it (and the next panel is prefetched meanwhile), and
+ * inside a panel a tile of rows x tokens keeps its sums in registers, so each loaded weight
+ * vector serves several tokens and each loaded x vector several rows. fp32 on AMD Zen 3 (one
+ * core, FMA peak ~120 GFLOPS): the tile, K blocks, prefetch and 32-row panels below took the
+ * products of stories110M's shape from ~47 to ~55-70 GFLOPS, and a 256-token prefill (with
+ * prefill.c's attention) x1.32 on stories110M's shape, 190-200 -> 240-295 tok/s, and x1.20 on
+ * stories15M's (median of 5 interleaved pairs, CPU time, one thread, a shared machine). (Q8_0 on AVX2/VNNI goes the other way round: a block of 8 rows,
  * repacked, stays in L1 while the tokens stream past it from L2; see tile8_q80.) A tile at the
  * edge of the tokens or rows repeats one of them (its extra results are not stored). Each
  * (row, token) sum runs in the same order as in the matvec (fp32: one 8-lane accumulator, then
  * the scalar tail; Q8_0: qdot's), so a token's logits are the same bits either way. */
 
-/* rows of a panel: about 64 KB of weights, a multiple of 4 (so the matvec's 4-row blocks and
+/* rows of a panel: about `bytes` of weights (64 KB), a multiple of 4 (so the matvec's 4-row blocks and
  * its last d % 4 rows, done one by one, fall the same way in a panel) */
-static int panel_rows(int n, int bytes_per_value) {
-    int rows = (65536 / bytes_per_value / (n > 0 ? n : 1)) & ~3;
+static int panel_rows(int n, int bytes_per_value, int bytes) {
+    int rows = (bytes / bytes_per_value / (n > 0 ? n : 1)) & ~3;
     return rows < 4 ? 4 : rows;
 }
 
-/* the fp32 tile: FR rows x FT tokens, 12 accumulators (AVX2 has 16 registers; measured on
- * AMD Zen 3 against 4 x 3 and 3 x 4: 2 x 6 keeps both weight vectors in registers and takes
- * x straight from L1 as the FMA's memory operand, 8 loads for 12 FMAs) */
+/* The fp32 tile: FR rows x FT tokens, 12 accumulators (AVX2 has 16 registers). Per 8 values:
+ * FR weight vectors and then each token's x vector loaded once into a register and used for
+ * the FR rows, 8 loads for 12 FMAs (measured on AMD Zen 3, all in L1: 2 x 6 89 GFLOPS, 3 x 4
+ * and 4 x 3 60-65; with x as the FMAs' memory operand, which the compiler otherwise picks, each
+ * x is loaded twice, 14 loads, 62-67). The sums run over the row in K blocks of FK values: the
+ * FT tokens' x for one block (6 x 2 KB) stays in L1 while the panel's row pairs pass over it,
+ * and between blocks a tile's 8-lane accumulators wait in memory (acc). Each lane still adds
+ * its products in the row's order, so the sums are the matvec's to the bit. */
 #define FR 2
 #define FT 6
-/* out[t * ldo + r] = w_r . x_t for FR rows w[r] and FT tokens x[t] */
+#if defined(BL_AVX2)
+#define FL 8      /* lanes of an accumulator */
+#define FK 512    /* values of x per K block */
+#elif defined(BL_NEON)
+#define FL 4
+#define FK 512
+#else
+#define FL 1
+#define FK (1 << 30)   /* the portable loop: one block, the whole row */
+#endif
+/* A panel holds about FPANEL bytes of weights but at least FK_ROWS rows: every FT tokens' x
+ * (from L2, or L3 when 64 tokens of x are more than L2 holds, e.g. 512 KB for w2's rows of
+ * 2048) then serves at least FK_ROWS rows (measured on AMD Zen 3, w2 of stories110M, 64
+ * tokens: 8 rows 53, 32 rows 59 GFLOPS). There are several K blocks only when n > FK >= 512,
+ * and then FPANEL / 4 / n < 32: such a panel has exactly FK_ROWS rows, the accumulators that
+ * wait between K blocks (panel_f32's acc). */
+#define FPANEL 65536
+#define FK_ROWS 32
+
+/* the sums of FR rows w[r] and FT tokens x[t] over values [j0, j1) of the SIMD part (a multiple
+ * of FL), continuing those in acc (FR * FT * FL floats) unless j0 == 0; when j1 is the end of
+ * the SIMD part (nv), out[t * ldo + r] = w_r . x_t (the first nr rows and nt tokens), else the
+ * sums go back to acc */
 static inline __attribute__((always_inline)) void tile_f32(float *out, int ldo, const float *const x[FT],
-                                                           const float *const w[FR], int n, int nr, int nt) {
-    int j = 0;
+                                                           const float *const w[FR], int j0, int j1, int nv,
+                                                           int n, float *acc, int nr, int nt) {
     float s[FR][FT];
 #if defined(BL_AVX2)
     __m256 a[FR][FT];
     for (int r = 0; r < FR; r++)
-        for (int t = 0; t < FT; t++) a[r][t] = _mm256_setzero_ps();
-    for (; j + 8 <= n; j += 8) {
+        for (int t = 0; t < FT; t++)
+            a[r][t] = j0 == 0 ? _mm256_setzero_ps() : _mm256_loadu_ps(acc + (r * FT + t) * FL);
+    for (int j = j0; j < j1; j += 8) {
         __m256 wv[FR];
         for (int r = 0; r < FR; r++) wv[r] = _mm256_loadu_ps(w[r] + j);
-        for (int t = 0; t < FT; t++)
-            for (int r = 0; r < FR; r++) a[r][t] = _mm256_fmadd_ps(wv[r], _mm256_loadu_ps(x[t] + j), a[r][t]);
+        for (int t = 0; t < FT; t++) {
+            __m256 xv = _mm256_loadu_ps(x[t] + j);
+            __asm__("" : "+x"(xv));   /* keep it in a register: one load, not one per row */
+            for (int r = 0; r < FR; r++) a[r][t] = _mm256_fmadd_ps(wv[r], xv, a[r][t]);
+        }
+    }
+    if (j1 < nv) {
+        for (int r = 0; r < FR; r++)
+            for (int t = 0; t < FT; t++) _mm256_storeu_ps(acc + (r * FT + t) * FL, a[r][t]);
+        return;
     }
     for (int r = 0; r < FR; r++)
         for (int t = 0; t < FT; t++) s[r][t] = hsum256(a[r][t]);
 #elif defined(BL_NEON)
     float32x4_t a[FR][FT];
     for (int r = 0; r < FR; r++)
-        for (int t = 0; t < FT; t++) a[r][t] = vdupq_n_f32(0);
-    for (; j + 4 <= n; j += 4) {
+        for (int t = 0; t < FT; t++) a[r][t] = j0 == 0 ? vdupq_n_f32(0) : vld1q_f32(acc + (r * FT + t) * FL);
+    for (int j = j0; j < j1; j += 4) {
         float32x4_t wv[FR];
         for (int r = 0; r < FR; r++) wv[r] = vld1q_f32(w[r] + j);
         for (int t = 0; t < FT; t++) {
@@ -201,33 +241,54 @@ static inline __attribute__((always_inline)) void tile_f32(float *out, int ldo, 
             for (int r = 0; r < FR; r++) a[r][t] = vfmaq_f32(a[r][t], wv[r], xv);
         }
     }
+    if (j1 < nv) {
+        for (int r = 0; r < FR; r++)
+            for (int t = 0; t < FT; t++) vst1q_f32(acc + (r * FT + t) * FL, a[r][t]);
+        return;
+    }
     for (int r = 0; r < FR; r++)
         for (int t = 0; t < FT; t++) s[r][t] = vaddvq_f32(a[r][t]);
 #else
+    (void)j0, (void)j1, (void)acc;
     for (int r = 0; r < FR; r++)
         for (int t = 0; t < FT; t++) s[r][t] = 0.0f;
 #endif
     for (int r = 0; r < nr; r++)
         for (int t = 0; t < nt; t++) {
-            for (int k = j; k < n; k++) s[r][t] += w[r][k] * x[t][k];
+            for (int k = nv; k < n; k++) s[r][t] += w[r][k] * x[t][k];
             out[(size_t)t * ldo + r] = s[r][t];
         }
 }
 
-/* rows [r0, r1) of one product for all T tokens */
+/* rows [r0, r1) of one product for all T tokens: for each FT tokens, K block by K block, all
+ * the panel's row pairs */
 static void panel_f32(const bl_matvec *job, const float *x, int T, int n, int r0, int r1) {
     const float *w = job->w->f;
     int d = job->d, r4 = r1 < d ? r1 : d / 4 * 4;   /* the matrix's last d % 4 rows: as rows4_f32 */
+    int nv = FL > 1 ? n / FL * FL : 0;               /* the SIMD part of a row; the rest scalar */
+    float acc[FK_ROWS / FR][FR * FT * FL];           /* a row pair's, when n > FK (r1 - r0 <= FK_ROWS) */
+    /* the next panel's rows, fetched into L2 a few cache lines per tile while this one is
+     * computed (on demand, the first tokens would wait on DRAM for every line of a panel) */
+    int tiles = ((T + FT - 1) / FT) * ((r4 - r0 + FR - 1) / FR) * ((nv + FK - 1) / FK > 0 ? (nv + FK - 1) / FK : 1);
+    int nnext = d - r1 < r1 - r0 ? d - r1 : r1 - r0;
+    size_t lines = (size_t)nnext * n * sizeof(float) / 64, per_tile = tiles > 0 ? lines / tiles + 1 : 0, done = 0;
+    uintptr_t next = (uintptr_t)(w + (size_t)r1 * n);
     for (int t = 0; t < T; t += FT) {
         int nt = T - t < FT ? T - t : FT;
         const float *xt[FT];
         for (int u = 0; u < FT; u++) xt[u] = x + (size_t)(t + (u < nt ? u : 0)) * n;
         float *ot = job->out + (size_t)t * d;
-        for (int r = r0; r < r4; r += FR) {
-            int nr = r4 - r < FR ? r4 - r : FR;
-            const float *wr[FR];
-            for (int v = 0; v < FR; v++) wr[v] = w + (size_t)(r + (v < nr ? v : 0)) * n;
-            tile_f32(ot + r, d, xt, wr, n, nr, nt);
+        for (int j0 = 0;; j0 += FK) {
+            int j1 = nv - j0 < FK ? nv : j0 + FK;
+            for (int r = r0; r < r4; r += FR) {
+                int nr = r4 - r < FR ? r4 - r : FR;
+                const float *wr[FR];
+                for (int v = 0; v < FR; v++) wr[v] = w + (size_t)(r + (v < nr ? v : 0)) * n;
+                for (size_t e = done + per_tile; done < lines && done < e; done++)
+                    __builtin_prefetch((const void *)(next + 64 * done), 0, 2);
+                tile_f32(ot + r, d, xt, wr, j0, j1, nv, n, acc[(r - r0) / FR % (FK_ROWS / FR)], nr, nt);   /* % : in bounds when unused */
+            }
+            if (j1 >= nv) break;
         }
         for (int r = r4 > r0 ? r4 : r0; r < r1; r++)
             for (int u = 0; u < nt; u++) ot[(size_t)u * d + r] = dot1_f32(xt[u], w + (size_t)r * n, n);
@@ -237,7 +298,8 @@ static void panel_f32(const bl_matvec *job, const float *x, int T, int n, int r0
 void bl_matmats_f32(const bl_matvec *jobs, int njobs, const float *x, int T, int n,
                     int threads) {
     long work = (long)T * batch_work(jobs, njobs, n, 0);
-    int rows = panel_rows(n, 4);
+    int rows = panel_rows(n, 4, FPANEL);
+    rows = rows < FK_ROWS ? FK_ROWS : rows;   /* long rows: a bigger panel, see FK_ROWS */
     (void)threads, (void)work;
 #pragma omp parallel num_threads(threads) if (work >= BL_PARALLEL_MIN)
     for (int k = 0; k < njobs; k++) {
@@ -352,7 +414,7 @@ static void panel_q80(const bl_matvec *j, const bl_qtensor *x, int T, int n, int
 
 void bl_matmats_q80(const bl_matvec *jobs, int njobs, const bl_qtensor *x, int T, int n, int gs,
                     int threads) {
-    int ngroups = n / gs, rows = panel_rows(n, 1);
+    int ngroups = n / gs, rows = panel_rows(n, 1, 65536);
     long work = (long)T * batch_work(jobs, njobs, n, 16 * ngroups);
     char *pack = NULL;   /* each thread's packed rows and scales */
     size_t per_thread = 0;

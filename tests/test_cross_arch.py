@@ -47,6 +47,9 @@ SHAPES = {
                        max_seq_len=128, hidden_dim=192), 48, (2,)),
     "tails": (ModelArgs(dim=40, n_layers=2, n_heads=2, n_kv_heads=1, vocab_size=301,
                         max_seq_len=128, hidden_dim=88), 8, (0, 2)),
+    # rows longer than the fp32 tile's 512-value K blocks, with tails (kernels.c)
+    "wide": (ModelArgs(dim=524, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=150,
+                       max_seq_len=128, hidden_dim=1100), 4, (0,)),
 }
 
 ARM_CC, ARM_QEMU, ARM_SYSROOT = "aarch64-linux-gnu-gcc", "qemu-aarch64", "/usr/aarch64-linux-gnu"

@@ -41,6 +41,10 @@ SHAPES = {
                       max_seq_len=160, hidden_dim=172), 4),
     "gs16": (ModelArgs(dim=160, n_layers=1, n_heads=5, n_kv_heads=5, vocab_size=200,
                        max_seq_len=160, hidden_dim=208), 16),
+    # rows longer than the fp32 tile's 512-value K blocks (kernels.c): 524 = 512 + 8 + a tail
+    # of 4, 1100 = 512 + 512 + 72 + a tail of 4
+    "wide": (ModelArgs(dim=524, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=150,
+                       max_seq_len=160, hidden_dim=1100), 4),
 }
 
 
@@ -92,7 +96,7 @@ def test_prefill_is_token_by_token_bit_for_bit(files, version):
     attention is the same function, so the logits are equal, not just close: 70 tokens (a last
     token tile of 4 fp32 / 2 int8), rows at the tiles' edges (vocab 301, 131; KV dim 20), at 1
     and 2 threads."""
-    for name in ("gqa", "tails", "groups8", "gs4", "gs16"):
+    for name in ("gqa", "tails", "groups8", "gs4", "gs16", "wide"):
         for threads in (1, 2):
             e = CLlama.load(files[name, version], threads=threads)
             toks = prompt(e.args.vocab_size, 70, seed=4)
