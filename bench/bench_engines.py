@@ -302,8 +302,10 @@ def token_breakdown(threads: int, repeats: int) -> list[dict]:
     return rows
 
 
-def run_llama_cpp(shapes: list[str], threads: list[int], prompt_len: int, gen: int) -> list[dict]:
-    """llama.cpp (llama-cpp-python) on GGUF files written from the same weights, when installed."""
+def run_llama_cpp(shapes: list[str], threads: list[int], prompt_len: int, gen: int,
+                  repeats: int) -> list[dict]:
+    """llama.cpp (llama-cpp-python) on GGUF files written from the same weights, when installed:
+    its prefill and ours in interleaved pairs, the same threads for both."""
     try:
         import llama_cpp
     except ImportError:
@@ -317,6 +319,7 @@ def run_llama_cpp(shapes: list[str], threads: list[int], prompt_len: int, gen: i
     import sentencepiece as spm_lib
     import torch
 
+    from babyllama.fast_c import CLlama
     from babyllama.model import PRESETS, Transformer
 
     # a GGUF carries its vocabulary: Llama 2's for the 32000-token shapes, the book's 512-piece
@@ -338,23 +341,35 @@ def run_llama_cpp(shapes: list[str], threads: list[int], prompt_len: int, gen: i
             gguf = OUT / f"{shape}_{dtype}.gguf"
             if not gguf.exists():
                 write_gguf(model, spm, gguf, dtype)
+            ours = make_files(shape)[0 if fmt == "fp32" else 2]
             for th in threads:
+                # n_threads_batch: llama-cpp-python's default is every core, whatever n_threads
                 llm = llama_cpp.Llama(str(gguf), n_ctx=PRESETS[shape].max_seq_len, n_threads=th,
-                                      n_batch=512, verbose=False)
+                                      n_threads_batch=th, n_batch=512, verbose=False)
+                e = CLlama.load(ours, threads=th)
                 T = min(prompt_len, PRESETS[shape].max_seq_len - gen)
                 prompt = np.random.default_rng(0).integers(3, PRESETS[shape].vocab_size, T)
-                llm.reset()
-                t0 = time.perf_counter()
-                llm.eval(prompt.tolist())
-                pp = T / (time.perf_counter() - t0)
+                pp, pp_ours = [], []
+                for _ in range(repeats):   # interleaved: ours, llama.cpp, ours, ...
+                    e.reset()
+                    t0 = time.perf_counter()
+                    e.prefill(prompt.tolist(), 0)
+                    pp_ours.append(T / (time.perf_counter() - t0))
+                    llm.reset()
+                    t0 = time.perf_counter()
+                    llm.eval(prompt.tolist())
+                    pp.append(T / (time.perf_counter() - t0))
                 t0 = time.perf_counter()
                 for i in range(gen):
                     llm.eval([int(prompt[i % T])])
                 tg = gen / (time.perf_counter() - t0)
-                rows.append({"shape": shape, "format": fmt, "threads": th, "prefill_tok_s": pp,
+                ratio = float(np.median(np.array(pp_ours) / np.array(pp)))
+                rows.append({"shape": shape, "format": fmt, "threads": th, "prefill_tok_s": max(pp),
+                             "ours_prefill_tok_s": max(pp_ours), "prefill_ratio": ratio,
                              "decode_tok_s": tg})
-                print(f"  {shape:12} {fmt:5} {th} thr  llama.cpp prefill {pp:8.1f} tok/s  "
-                      f"decode {tg:8.1f} tok/s", flush=True)
+                print(f"  {shape:12} {fmt:5} {th} thr  prefill {T}: llama.cpp {max(pp):8.1f}  ours "
+                      f"{max(pp_ours):8.1f} tok/s  ours/llama.cpp median x{ratio:.2f}  "
+                      f"llama.cpp decode {tg:8.1f} tok/s", flush=True)
     return rows
 
 
@@ -496,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
     results["prefill"] = run_prefill_decode(a.shapes, threads, a.prefill_prompt, a.gen,
                                             a.repeats, bandwidth)
     print("\nllama.cpp:")
-    results["llama_cpp"] = run_llama_cpp(a.shapes, threads, a.prefill_prompt, a.gen)
+    results["llama_cpp"] = run_llama_cpp(a.shapes, threads, a.prefill_prompt, a.gen, a.repeats)
     if a.llama2c:
         print(f"\nour CLI vs llama2.c ({a.steps} steps, 7 interleaved runs each):")
         results["llama2c"] = run_vs_llama2c(a.llama2c, a.shapes, sorted({1, a.threads}),

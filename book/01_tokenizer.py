@@ -25,13 +25,14 @@
 # In this chapter we
 # 1. learn BPE merges by hand on a paragraph,
 # 2. train a real 512-piece vocabulary on the book's story corpus (and the requests that
-#    chapter 3 will prompt the model with),
+#    chapter 5 will prompt the model with),
 # 3. write llama2.c's `tokenizer.bin`, and
 # 4. write our own encoder that reads only `tokenizer.bin` — and check it gives exactly
 #    SentencePiece's ids.
 #
 # The finished code lives in `babyllama.tokenizer`; every later chapter uses it (chapter 3 to
-# encode the training data, chapters 5 and 6 to turn generated ids back into text).
+# encode the training data, chapter 5 to encode chat turns, chapters 5 and 6 to turn generated
+# ids back into text).
 #
 # **The data.** llama2.c trains on TinyStories: two million short stories written by GPT-3.5
 # and GPT-4, a 1.5 GB download. This book must run offline in a few minutes, so it uses a
@@ -178,7 +179,7 @@ assert singles == list(range(singles[0], sp.vocab_size())) and out_of_order == 0
 stories_only = spm.SentencePieceProcessor(model_file=str(train_tokenizer(
     train_docs, paths.out / "vocab_sweep" / "tok512_stories_only", 512)))
 request = "[INST] Tell me a story about a shy fox named Max who finds a red lantern. [/INST]"
-turns = D.tokenizer_docs([], requests=1000)   # 1,000 of the requests chapter 3 trains on
+turns = D.tokenizer_docs([], requests=1000)   # 1,000 of the requests chapter 5 trains on
 story_tokens = {}
 for name, m in (("stories only", stories_only), ("stories + requests", sp)):
     story_tokens[name] = sum(len(ids) for ids in m.encode(val_docs))
@@ -191,10 +192,10 @@ print(f"stories grow by {growth:.1%} (bound 5%)")
 assert len(sp.encode(request)) < len(stories_only.encode(request)) and growth < 0.05
 
 # %% [markdown]
-# A request shrinks by about a third (a chapter 3 prompt from ~59 tokens to ~42), and stories
+# A request shrinks by about a third (a chapter 5 prompt from ~59 tokens to ~42), and stories
 # grow by a few percent: a handful of merges ("▁story", "INST", "▁about") moved from story
 # words to request words. Fine-tuning pays for every prompt token in every step, so each of
-# chapter 3's fine-tuning steps gets cheaper (not fewer of them: chapter 3 shows both).
+# chapter 5's fine-tuning steps gets cheaper (not fewer of them: chapter 5 shows both).
 #
 # All told, under 200 of our 512 ids are learned merges. How much text does one token carry?
 # A bigger vocabulary packs more bytes into each token (shorter sequences, a bigger embedding

@@ -21,7 +21,8 @@
 # **learning-rate schedule** and **gradient clipping** — each checked against the version the
 # library uses. Then we run the library's loop (`babyllama.train.train`) on the book's corpus:
 # the `book` preset (0.8M parameters), 300 iterations of 8 windows of 256 tokens (614,400
-# tokens), about a minute and a half on two CPU cores.
+# tokens), a little over a minute on two CPU cores. (Chapter 5 trains this model further, to
+# answer requests in chat mode.)
 
 # %%
 import copy

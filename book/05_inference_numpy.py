@@ -13,7 +13,7 @@
 # ---
 
 # %% [markdown]
-# # Chapter 5 — Inference in pure NumPy
+# # Chapter 5 — Inference in pure NumPy, and a model that takes requests
 #
 # Training needs autograd; inference does not. Given the weights from chapter 4's file, one
 # token's forward pass is a few dozen lines of array math: look up the embedding, and for each
@@ -21,6 +21,10 @@
 # normalise, feed forward, add. This chapter writes that out, checks it against PyTorch, then
 # writes llama2.c's sampler. The library version is `babyllama.inference_numpy.NumpyLlama`: it
 # never imports torch.
+#
+# Then we talk to the model with Llama 2's chat template (5.5), find that it ignores what we
+# ask, and teach it to follow requests with chapter 3's training loop (5.6: the one section that
+# trains, about two minutes); the last section runs generation past the end of the context.
 
 # %%
 import time

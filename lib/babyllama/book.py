@@ -150,7 +150,7 @@ def ensure_exports(p: Paths) -> dict[int, Path]:
 
 
 def ensure_finetuned(p: Paths, progress: bool = True, max_iters: int = FINETUNE_ITERS) -> Path:
-    """Chapter 03's instruction-tuned model (from the book model), exported as llama2.c v0."""
+    """Chapter 05's instruction-tuned model (from the book model), exported as llama2.c v0."""
     from babyllama.export import write_model
     from babyllama.model import Transformer
     from babyllama.train import finetune

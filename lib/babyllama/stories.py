@@ -354,7 +354,7 @@ ENDINGS = [
 # A requested story opens by restating the request, always in the same two sentences: every
 # detail then sits at a fixed place right after [/INST] ("named" -> the name, "found a red" ->
 # the object), which is where a small model first learns to copy from the prompt (with the
-# varied INTROS and FINDS of the corpus, the book model never learns to: chapter 03, 3.7)
+# varied INTROS and FINDS of the corpus, the book model never learns to: chapter 05, 5.6)
 REQUEST_OPENING = ["Once upon a time, there was {adj_a} {AK} named {A}.",
                    "One day, {A} found {oadj_a} {obj}."]
 # then one of these short plots (a request and its story fit in the book model's 256 tokens),
@@ -463,7 +463,7 @@ def generate_stories(n: int, seed: int = 0) -> list[str]:
 
 # ----------------------------------------------------------------------------------------------
 # requests: "Tell me a story about a shy fox named Max who finds a red kite.", each paired with a
-# story that honours every detail of it (chapter 03's instruction tuning). One (name, animal,
+# story that honours every detail of it (chapter 05's instruction tuning). One (name, animal,
 # object) combination in HELD_OUT_EVERY is never used for training: evaluation asks for those.
 
 REQUEST_TEMPLATES = [

@@ -515,7 +515,7 @@ class FinetuneConfig(TrainConfig):
     # copying is learned in the answer's opening, which restates the request: 9 steps in 10
     # train on its first 48 answer tokens only (the opening, up to the object for most
     # requests, at under half a row's cost), the rest on whole stories, which teach the plot
-    # and when to stop (chapter 03, 3.7). With 1 whole step in 20, 49 of 50 held-out requests
+    # and when to stop (chapter 05, 5.6). With 1 whole step in 20, 49 of 50 held-out requests
     # were honoured after 1,800 iterations (1 in 10: 48), but the answers looped after the
     # opening ("showed the map to the map to the map ...")
     answer_head: int = 48
