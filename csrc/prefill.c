@@ -5,8 +5,8 @@
  * matmul becomes matrix-matrix, x (T, n) @ W^T, and every weight loaded serves T tokens
  * (kernels.c's bl_matmats_*), so the same bytes buy T times the arithmetic. Attention goes head
  * by head, two of the block's tokens at a time (attend_head), causal within the block: token t
- * sees the cache up to its own position, which the block writes for all its tokens first. The classifier runs for the last token only
- * (bl_prefill) or for every token (bl_forward_batch). Each token's numbers are the same ones
+ * sees the cache up to its own position, which the block writes for all its tokens first. The
+ * classifier runs for the last token only (bl_prefill) or for every token (bl_forward_batch). Each token's numbers are the same ones
  * bl_forward computes: the same small ops (model.h) and the same summation order per row.
  */
 #include "model.h"
