@@ -133,7 +133,7 @@ for i, (a, b) in enumerate(toy_merges):
 # training — no story is lost.
 #
 # **What it reads.** A tokenizer should know the text its model will be prompted with, not
-# only the text it is trained on. Chapter 3 ends by teaching the model to answer requests in
+# only the text it is trained on. Chapter 5 teaches the model to answer requests in
 # Llama 2's chat format — `[INST] Tell me a story about a shy fox named Max who finds a red
 # lantern. [/INST]` — and our stories never write "[" or "]", and say "story" and "about" too
 # rarely (a few thousand times in 2.7 million words) to earn a merge. So the tokenizer trains on

@@ -197,9 +197,9 @@ print(f"heads that give <s> more than half of their attention: {(sink > 0.5).sum
 # Language Models with Attention Sinks*), which is why a context that slides past its start
 # must keep its first tokens. Our small model, trained for a few minutes, seems to do it its
 # own way: the table's `on <s>` column stays well below one half in every head (the last line
-# counts the heads above it), but two heads of layer 0 park about half of their weight on the
-# *first word* instead — the bright second column in their maps. In this corpus five stories
-# in six open with one of four words (`Once`, `One`, `In`, `There`), so position 1 is nearly
+# counts the heads above it), but heads of layer 0 park a third to a half of their weight on
+# the *first word* instead — the bright second column in their maps. In this corpus five
+# stories in six open with one of four words (`Once`, `One`, `In`, `There`), so position 1 is nearly
 # as predictable a parking place as `<s>`. The last two columns show how much each head looks
 # at the token itself and at the one just before it: the local patterns (which word follows
 # which) that a small model learns first — layer 0's "previous token" heads show as a bright
@@ -467,8 +467,6 @@ for name, fn in (("numpy", numpy_steps), ("pytorch", torch_steps)):
 
 # %%
 from babyllama.chat import ChatSession, encode_turn, render_turn
-from babyllama.context import Context, kept_after_shift
-from babyllama.inference_numpy import apply_rope, rope_tables
 
 print(repr(render_turn("Tell me a story about a fox.", system="You tell short stories.")))
 print(repr(render_turn("Another one, please.", system="You tell short stories.", first=False)))
@@ -501,13 +499,16 @@ print("reply:", tok.decode(reply)[:200])
 # lantern." and a short story that honours every detail of it (the name, the trait, the
 # animal, the object and its colour). Every answer opens the same way, restating the request
 # — "Once upon a time, there was a shy fox named Max. One day, Max found a red lantern." —
-# and the rest of the story keeps using those details. Why that fixed opening matters is the
-# subject of the end of this section.
+# and the rest of the story keeps using those details. Why that fixed opening matters is
+# explained below, under *Copying is the hard part*. About 1 (name, animal, object) combination
+# in 8 never occurs in the training rows (`stories.is_held_out`: a fixed hash of the three):
+# those are the *held-out* requests the evaluation asks for.
 #
 # Each pair becomes one training row: BOS, the request rendered with Llama 2's chat template
 # exactly as chat mode will render it (`[INST] … [/INST]`, `babyllama.chat.encode_turn`,
-# 5.5), then the story and EOS. So the model is trained on exactly the ids it will be
-# prompted with, and it learns to stop: EOS ends its turn.
+# 5.5, with no system prompt, as `-y ""` asks on the command line), then the story and EOS.
+# So the model is trained on exactly the ids it will be prompted with, and it learns to stop:
+# EOS ends its turn.
 #
 # The loss is *masked*: only the answer is trained. The targets of every request token (and
 # of the padding after EOS) are set to -1, and the cross-entropy in `Transformer.forward`
@@ -560,10 +561,12 @@ assert abs(loss.item() - by_hand.item()) < 1e-4
 # **Copying is the hard part.** To honour a request it has never seen, the model must copy
 # "Max", "fox" and "lantern" from the prompt into its answer. With our 512-piece vocabulary a
 # word is several pieces ("▁M", "a", "x"; "▁f", "o", "x"), so copying a word means finding its
-# first piece back in the context and continuing it. Does the book model do that in its own
-# stories, where the hero's name comes back again and again? We measure the probability it
-# gives the first piece of the hero's name at the name's first mention (which nothing
-# predicts) and at every later one (which copying would predict):
+# first piece back in the context and continuing it: a head that finds the earlier occurrence
+# of the current piece and predicts the piece that followed it is called an *induction head*
+# (§5.2's maps show what the book model's heads attend to instead). Does the book model do
+# that in its own stories, where the hero's name comes back again and again? We measure the
+# probability it gives the first piece of the hero's name at the name's first mention (which
+# nothing predicts) and at every later one (which copying would predict):
 
 # %%
 # NBVAL_IGNORE_OUTPUT
@@ -601,13 +604,14 @@ for k, v in p_name.items():
 #
 # The same observation tells us where to spend the fine-tuning budget. The copying is learned
 # in the opening, its first ~47 answer tokens on average; the rest of a story (another ~100)
-# teaches the plot and when to stop, which the book model nearly knows already. So about 9
-# steps in 10 (each step draws it) train on the first 48 answer tokens of each row only
-# (`answer_head`, `head_share` in `train.FinetuneConfig`; `data.get_request_batch` drops the
-# later targets and cuts the batch after them, which halves its cost), and the others on
-# whole stories. 48 was chosen with the stories-only tokenizer, whose openings were ~44
-# tokens; with ours, 3 openings in 10 are longer and their last words ("… red lantern.") fall
-# outside the short steps, so the whole ones teach those. No EOS is taught in the short
+# teaches the plot and when to stop, which the book model nearly knows already. So each step
+# is short with probability 0.9 (drawn at random): it trains on the first 48 answer tokens of
+# each row only (`answer_head`, `head_share` in `train.FinetuneConfig`;
+# `data.get_request_batch` drops the later targets and cuts the batch after them, which halves
+# its cost); the others train on whole stories. 48 was chosen with the stories-only tokenizer, whose openings were ~44
+# tokens (ours spends some merges on request words, so story text takes more pieces); with
+# ours, 3 openings in 10 are longer and their last words ("… red lantern.") fall outside the
+# short steps, so the whole ones teach those. No EOS is taught in the short
 # steps, so the model learns from the whole ones that a story goes on after its opening and
 # where it ends. Fewer whole steps save little and cost the rest of the story: with 1 in 20,
 # 1,800 iterations still honoured 49 of 50 held-out requests, but the answers looped after
@@ -624,11 +628,8 @@ for k, v in p_name.items():
 # row; ~207 for a whole story), some 370 tokens, and timing each part of the step shows
 # forward and backward take 95% of it, the optimiser step 2-3%, clipping 2%, building the
 # batch under 1%. The step is bound by its arithmetic, like pretraining's, so it gets
-# cheaper only with fewer tokens or cheaper kernels, not by trimming the loop. Both were
-# done: the tokenizer learned the request words (chapter 1 measures the prompts: ~59 tokens
-# with the stories-only vocabulary, ~42 with ours, so a short step was 110 positions wide),
-# and `model.py` rotates with one complex multiply and lets the fused attention share each KV
-# head itself (no copies of k and v): ~10% off every training step, pretraining's too.
+# cheaper only with fewer tokens, not by trimming the loop: that is why the tokenizer learned
+# the request words (chapter 1: prompts of ~42 tokens instead of ~59).
 
 # %%
 # NBVAL_IGNORE_OUTPUT
@@ -643,10 +644,12 @@ print("masked validation loss:", [(r["iter"], round(r["val_loss"], 3)) for r in 
                                   if "val_loss" in r])
 
 # %% [markdown]
-# Now we ask. The C engine of chapter 06 (`babyllama.fast_c`, compiled on first use) answers
-# much faster than the PyTorch model, over the two models exported as llama2.c files: the
-# book model (chapter 04's `book_v0.bin`) and the fine-tuned one (`book_chat.bin`). Answers
-# are greedy, and `answer` feeds exactly the ids chat mode would (`encode_turn`).
+# Now we ask. To answer 150 requests quickly we borrow chapter 6's C engine
+# (`babyllama.fast_c`, compiled on first use): chapter 6 builds it; here it is a drop-in for
+# `NumpyLlama`, with the same interface, the same sampler and the same tokens, many times
+# faster. It reads the two models as llama2.c files: the book model (chapter 4's
+# `book_v0.bin`) and the fine-tuned one (`book_chat.bin`). Answers are greedy, and `answer`
+# feeds exactly the ids chat mode would (`encode_turn`).
 
 # %%
 # NBVAL_IGNORE_OUTPUT
@@ -717,17 +720,21 @@ assert gain > 0.5
 # pretraining on windows in which spans of text were repeated grow copying in the book's 300
 # iterations: with a quarter of the windows edited that way, the model predicted a repeated
 # span no better than the first time it read it, and its validation loss was 1.19 instead of
-# 1.04 (stories-only tokenizer).
+# 1.04 (both with the stories-only tokenizer).
 # %% [markdown]
 # ## 5.7 Past the end of the context: the shift
 #
 # The KV cache has `max_seq_len` slots (256 for the book model). `run.c` simply stops there.
-# To go on, the window has to *shift*: keep the first `n_keep` tokens (at least BOS — models
-# put a lot of attention on the first token, and losing it hurts far more than losing any other
-# token), drop the oldest half of the rest, and slide the newest half down to the positions
-# right after the kept ones. `kept_after_shift` is that rule; on a toy context of 10 it reads:
+# To go on, the window has to *shift*: keep the first `n_keep` tokens (at least BOS — large
+# models put a lot of attention on the first token, and losing it hurts far more than losing
+# any other token; ours, §5.2, parks some on the first word too, which `n_keep=1` drops),
+# drop the oldest half of the rest, and slide the newest half down to the positions right
+# after the kept ones. `kept_after_shift` is that rule; on a toy context of 10 it reads:
 
 # %%
+from babyllama.context import Context, kept_after_shift
+from babyllama.inference_numpy import apply_rope, rope_tables
+
 print(kept_after_shift(list(range(10)), n_keep=2, seq_len=10))
 print(kept_after_shift(list(range(100)), n_keep=1, seq_len=10), "<- a prompt longer than the "
       "context is cut by the same rule")
@@ -821,9 +828,6 @@ plt.show()
 # three contexts' worth of tokens, sampled from the same seed by the NumPy and the C engine:
 
 # %%
-from babyllama.fast_c import CLlama  # chapter 6's C engine: same interface, same sampler
-
-
 def sample_through_shifts(engine, start: list[int], n: int, seed: int) -> tuple[list[int], int]:
     engine.reset()
     ctx = Context(engine.prefill, engine.args.max_seq_len, n_keep=1)
