@@ -533,14 +533,9 @@ print(f"prompt: {n_prompt} ids, answer: {n_answer} ids, "
       f"padding: {args.max_seq_len - n_prompt - n_answer + 1} positions")
 
 
-def char_piece(i: int) -> str:   # a byte piece <0x5D> shown as its character "]"
-    raw = tok.pieces[int(i)]
-    return chr(int(raw[3:5], 16)) if raw.startswith(b"<0x") else raw.decode("utf-8", "replace")
-
-
-for t in range(n_prompt - 4, n_prompt + 3):   # around the end of the prompt
-    target = "(ignored)" if y[0, t] < 0 else repr(char_piece(y[0, t]))
-    print(f"position {t:3d}: input {char_piece(x[0, t])!r:12} -> target {target}")
+for t in range(n_prompt - 4, n_prompt + 3):   # around the end of the prompt (`piece`: top of chapter)
+    target = "(ignored)" if y[0, t] < 0 else repr(piece(y[0, t]))
+    print(f"position {t:3d}: input {piece(x[0, t])!r:12} -> target {target}")
 
 # %% [markdown]
 # The masked loss is the mean cross-entropy over the answer positions only. We check the

@@ -562,9 +562,8 @@ else:
 # registers (fp32: 2 rows × 6 tokens, 12 accumulators, along the rows in blocks of 512 values
 # so that the 6 tokens' slices of x stay in L1; int8: 8 rows × 5 tokens, on a copy of the 8
 # rows laid out so that each vector lane builds one (row, token) group sum on its own — no
-# adding across lanes). Attention goes head by head, two of the block's tokens at a time: token
-# t sees the KV cache up to its own position (causal), which the block writes for all its
-# tokens first. The classifier runs for the last token only. Each (row, token) sum is added in the same order as the decoding
+# adding across lanes). Attention stays per token and head: token t sees the KV cache up to
+# its own position (causal), which the block writes for all its tokens first. The classifier runs for the last token only. Each (row, token) sum is added in the same order as the decoding
 # kernel's, so the logits are the very same numbers as token by token:
 
 # %%

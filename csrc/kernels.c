@@ -156,10 +156,10 @@ void bl_matmuls_q80(const bl_matvec *jobs, int njobs, const bl_qtensor *x, int n
  * inside a panel a tile of rows x tokens keeps its sums in registers, so each loaded weight
  * vector serves several tokens and each loaded x vector several rows. fp32 on AMD Zen 3 (one
  * core, FMA peak ~120 GFLOPS): the tile, K blocks, prefetch and 32-row panels below took the
- * products of stories110M's shape from ~47 to ~55-70 GFLOPS, and a 256-token prefill (with
- * prefill.c's attention) x1.32 on stories110M's shape and x1.20 on stories15M's (median of 5
- * interleaved pairs, CPU time, one thread); quiet, that is 1.10x llama.cpp's prefill on one
- * thread and 1.00x on two (bench/bench_engines.py). (Q8_0 on AVX2/VNNI goes the other way
+ * products of stories110M's shape from ~47 to ~55-70 GFLOPS, and a 256-token prefill x1.32 on
+ * stories110M's shape and x1.20 on stories15M's (median of 5 interleaved pairs, CPU time,
+ * one thread); quiet, that is 1.10x llama.cpp's prefill on one thread and 1.00x on two
+ * (bench/bench_engines.py). (Q8_0 on AVX2/VNNI goes the other way
  * round: a block of 8 rows, repacked, stays in L1 while the tokens stream past it from L2; see
  * tile8_q80.) A tile at the edge of the tokens or rows repeats one of them (its extra results
  * are not stored). Each (row, token) sum runs in the same order as in the matvec (fp32: one
