@@ -106,64 +106,82 @@ static void attention_block(bl_model *m, Scratch *s, int l, const float *q, floa
     }
 }
 
+/* for each of T rows: x += dx (unless dx is NULL), then out = rmsnorm(x) * weight; a token
+ * per work item, so no thread waits while one normalizes the whole block */
+static void add_rmsnorm(float *out, float *x, const float *dx, const float *weight, int T, int dim,
+                        int threads) {
+    int t;
+    (void)threads;
+#pragma omp parallel for schedule(static) num_threads(threads) if ((long)T * dim >= 1 << 13)
+    for (t = 0; t < T; t++) {
+        float *xt = x + (size_t)t * dim;
+        if (dx)
+            for (int i = 0; i < dim; i++) xt[i] += dx[(size_t)t * dim + i];
+        rmsnorm(out + (size_t)t * dim, xt, weight, dim);
+    }
+}
+
+/* RoPE at each token's position, then its k and v into layer l's cache at that position */
+static void rope_cache(bl_model *m, Scratch *s, int l, int T, int pos, int threads) {
+    const Config *c = &m->c;
+    int dim = c->dim, head_size = dim / c->n_heads, kv_dim = c->n_kv_heads * head_size, t;
+    size_t hstride = (size_t)c->seq_len * head_size;
+    float *kcache = m->key_cache + (size_t)l * c->n_kv_heads * hstride;
+    float *vcache = m->value_cache + (size_t)l * c->n_kv_heads * hstride;
+    (void)threads;
+#pragma omp parallel for schedule(static) num_threads(threads) if ((long)T * dim >= 1 << 13)
+    for (t = 0; t < T; t++) {
+        const double *fcos = m->freqs_cos + (size_t)(pos + t) * (head_size / 2);
+        const double *fsin = m->freqs_sin + (size_t)(pos + t) * (head_size / 2);
+        float *k = s->k + (size_t)t * kv_dim, *v = s->v + (size_t)t * kv_dim;
+        rope(s->q + (size_t)t * dim, dim, head_size, fcos, fsin);
+        rope(k, kv_dim, head_size, fcos, fsin);
+        for (int g = 0; g < c->n_kv_heads; g++) {
+            size_t at = g * hstride + (size_t)(pos + t) * head_size;
+            memcpy(kcache + at, k + g * head_size, head_size * sizeof(float));
+            memcpy(vcache + at, v + g * head_size, head_size * sizeof(float));
+        }
+    }
+}
+
 /* T <= BLOCK tokens at positions pos.. through every layer; logits of the last token into
  * out (vocab_size,), or of every token into out (T, vocab_size) when `all`; none when out is
- * NULL (a block before the last one of a prompt) */
+ * NULL (a block before the last one of a prompt). Each sublayer's output lands in xb2 and is
+ * added to the residual stream x right before the next rmsnorm. */
 static void forward_block(bl_model *m, Scratch *s, const int *tokens, int T, int pos, float *out,
                           int all) {
     const Config *c = &m->c;
-    int dim = c->dim, hidden_dim = c->hidden_dim, head_size = dim / c->n_heads;
-    int kv_dim = c->n_kv_heads * head_size, half = head_size / 2;
-    size_t hstride = (size_t)c->seq_len * head_size;
-    for (int t = 0; t < T; t++)
+    int dim = c->dim, hidden_dim = c->hidden_dim, kv_dim = c->n_kv_heads * (dim / c->n_heads);
+    int t, threads = work_threads(m, T);
+    for (t = 0; t < T; t++)
         memcpy(s->x + (size_t)t * dim, m->tok_embeddings + (size_t)tokens[t] * dim, dim * sizeof(float));
 
     for (int l = 0; l < c->n_layers; l++) {
         const Layer *w = &m->layers[l];
-        for (int t = 0; t < T; t++)
-            rmsnorm(s->xb + (size_t)t * dim, s->x + (size_t)t * dim, w->attention_norm, dim);
+        /* attention: x += the previous layer's FFN output first */
+        add_rmsnorm(s->xb, s->x, l > 0 ? s->xb2 : NULL, w->attention_norm, T, dim, threads);
         matmats(m, s, s->xb, T, dim, 3, (float *const[]){s->q, s->k, s->v},
                 (const bl_mat *const[]){&w->wq, &w->wk, &w->wv}, (const int[]){dim, kv_dim, kv_dim});
-
-        /* RoPE at each token's position, then k and v into the cache for every position */
-        float *kcache = m->key_cache + (size_t)l * c->n_kv_heads * hstride;
-        float *vcache = m->value_cache + (size_t)l * c->n_kv_heads * hstride;
-        for (int t = 0; t < T; t++) {
-            const double *fcos = m->freqs_cos + (size_t)(pos + t) * half;
-            const double *fsin = m->freqs_sin + (size_t)(pos + t) * half;
-            float *k = s->k + (size_t)t * kv_dim, *v = s->v + (size_t)t * kv_dim;
-            rope(s->q + (size_t)t * dim, dim, head_size, fcos, fsin);
-            rope(k, kv_dim, head_size, fcos, fsin);
-            for (int g = 0; g < c->n_kv_heads; g++) {
-                size_t at = g * hstride + (size_t)(pos + t) * head_size;
-                memcpy(kcache + at, k + g * head_size, head_size * sizeof(float));
-                memcpy(vcache + at, v + g * head_size, head_size * sizeof(float));
-            }
-        }
+        rope_cache(m, s, l, T, pos, threads);
         attention_block(m, s, l, s->q, s->xb, T, pos);
         matmats(m, s, s->xb, T, dim, 1, (float *const[]){s->xb2}, (const bl_mat *const[]){&w->wo},
                 (const int[]){dim});
-        for (size_t i = 0; i < (size_t)T * dim; i++) s->x[i] += s->xb2[i];
 
         /* SwiGLU feed-forward: w2(silu(w1 x) * w3 x) */
-        for (int t = 0; t < T; t++)
-            rmsnorm(s->xb + (size_t)t * dim, s->x + (size_t)t * dim, w->ffn_norm, dim);
+        add_rmsnorm(s->xb, s->x, s->xb2, w->ffn_norm, T, dim, threads);
         matmats(m, s, s->xb, T, dim, 2, (float *const[]){s->hb, s->hb2},
                 (const bl_mat *const[]){&w->w1, &w->w3}, (const int[]){hidden_dim, hidden_dim});
-        int t, threads = work_threads(m, T);
-        (void)threads;
 #pragma omp parallel for schedule(static) num_threads(threads) if ((long)T * hidden_dim >= 1 << 15)
         for (t = 0; t < T; t++)
             silu_mul(s->hb + (size_t)t * hidden_dim, s->hb2 + (size_t)t * hidden_dim, hidden_dim);
-        matmats(m, s, s->hb, T, hidden_dim, 1, (float *const[]){s->xb}, (const bl_mat *const[]){&w->w2},
+        matmats(m, s, s->hb, T, hidden_dim, 1, (float *const[]){s->xb2}, (const bl_mat *const[]){&w->w2},
                 (const int[]){dim});
-        for (size_t i = 0; i < (size_t)T * dim; i++) s->x[i] += s->xb[i];
     }
     if (!out) return;
     int first = all ? 0 : T - 1, n = T - first;   /* the classifier: only the rows wanted */
-    for (int t = first; t < T; t++)
-        rmsnorm(s->x + (size_t)t * dim, s->x + (size_t)t * dim, m->norm, dim);
-    matmats(m, s, s->x + (size_t)first * dim, n, dim, 1, (float *const[]){out},
+    size_t at = (size_t)first * dim;
+    add_rmsnorm(s->xb + at, s->x + at, s->xb2 + at, m->norm, n, dim, threads);
+    matmats(m, s, s->xb + at, n, dim, 1, (float *const[]){out},
             (const bl_mat *const[]){&m->output}, (const int[]){c->vocab_size});
 }
 
