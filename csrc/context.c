@@ -32,6 +32,9 @@ int bl_context_open(bl_model *m, int n_keep, int shift, bl_context **out, char *
     int32_t cfg[BL_CONFIG_LEN];
     bl_model_config(m, cfg);
     int seq_len = cfg[6];
+    if (shift && seq_len < 3)   /* as babyllama.context.check_n_keep */
+        return bl_fail(err, errlen, BL_ERR_ARG, "a context of %d positions is too short to shift (it needs 3: "
+                       "BOS, one token kept and one new): stay within it or turn the context shift off (-k 0)", seq_len);
     if (shift && (n_keep < 1 || n_keep > seq_len - 2))
         return bl_fail(err, errlen, BL_ERR_ARG, "n_keep must be in [1, %d] for a context of %d (BOS at least, and room to shift), got %d",
                        seq_len - 2, seq_len, n_keep);

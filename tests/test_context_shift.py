@@ -230,6 +230,20 @@ def test_cli_k0_clamps_at_the_context_as_run_c(files, run_exe, data_dir, tmp_pat
     assert r.returncode == 0, r.stderr
 
 
+@pytest.mark.parametrize("mode", ["generate", "chat"])
+def test_cli_context_too_short_to_shift(run_exe, data_dir, tmp_path, mode):
+    """A context of 2 cannot shift: the C CLI says so, as Python's check_n_keep does (it once
+    said "n_keep must be in [1, 0]" in chat)."""
+    args = dataclasses.replace(PRESETS["stories260K"], max_seq_len=2)
+    path = write_model(scaled_model(args, 2.0, seed=3), tmp_path / "m2.bin", version=0)
+    r = subprocess.run([str(run_exe), str(path), "-z", str(data_dir / "tok512.bin"), "-m", mode,
+                        "-i", "hi", "-y", "", "-n", "10", "-t", "0"], capture_output=True,
+                       text=True, errors="replace")
+    assert r.returncode == 1
+    assert "a context of 2 positions is too short to shift (it needs 3" in r.stderr, r.stderr
+    assert "[1, 0]" not in r.stderr
+
+
 def test_cli_context_shift_sanitizers_clean(files, data_dir, tmp_path, tmp_path_factory):
     """ASan + UBSan build of the CLI generating over 3 contexts: clean, and the same ids."""
     exe = sanitizer_cli(tmp_path_factory)
