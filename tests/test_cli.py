@@ -23,6 +23,28 @@ def test_corpus(tmp_path):
     assert json.loads((tmp_path / "c.jsonl").read_text().splitlines()[0]).keys() == {"story"}
 
 
+def test_corpus_at_the_book_path_is_known_for_what_it_is(tmp_path):
+    """`babyllama corpus` into the built-in corpus's place says which stories it holds, so the
+    chapters' make_corpus neither takes 25 stories for the book's corpus nor overwrites them
+    without saying so."""
+    from babyllama import data as D
+
+    path = D.corpus_path(tmp_path)
+    path.parent.mkdir(parents=True)
+    r = bl("corpus", "--n", 25, "--seed", 4, "--out", path)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(path.with_suffix(".meta.json").read_text()) == {"n": 25, "seed": 4}
+    written = path.stat().st_mtime_ns
+    assert D.make_corpus(n=25, seed=4, data_dir=tmp_path) == path   # reused, not rewritten
+    assert path.stat().st_mtime_ns == written and read_jsonl(path) == generate_stories(25, 4)
+    r = subprocess.run([sys.executable, "-c", "from babyllama import data as D; import sys; "
+                        "D.make_corpus(n=30, seed=0, data_dir=sys.argv[1])", str(tmp_path)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "holds 25 stories of seed 4: writing 30 stories of seed 0" in r.stdout
+    assert read_jsonl(path) == generate_stories(30, 0)
+
+
 @pytest.mark.parametrize("args,msg", [
     (["nonsense"], "invalid choice"),
     (["corpus", "--bogus", "1"], "unrecognized arguments"),

@@ -67,10 +67,8 @@ def _writable(path: str) -> Path:
 # subcommands
 
 def cmd_corpus(a) -> None:
-    from babyllama.stories import generate_stories, write_jsonl
-
-    write_jsonl(generate_stories(a.n, a.seed), a.out)
-    print(f"wrote {a.n} stories to {a.out}")
+    D.write_corpus(a.out, a.n, a.seed)
+    print(f"wrote {a.n} stories to {a.out} (and its .meta.json)")
 
 
 def tokenizer_paths(vocab: int, out_dir: str = "out") -> tuple[Path, Path]:

@@ -159,15 +159,31 @@ def corpus_path(data_dir: str | Path = DATA_DIR) -> Path:
     return Path(data_dir) / "stories" / "stories.jsonl"
 
 
+def write_corpus(path: str | Path, n: int, seed: int) -> Path:
+    """Write n generated stories (seed) to `path` as JSON Lines, and beside it `.meta.json`
+    saying which n and seed they are, so make_corpus knows the file for what it is."""
+    path = Path(path)
+    _stories.write_jsonl(_stories.generate_stories(n, seed), path)
+    path.with_suffix(".meta.json").write_text(json.dumps({"n": n, "seed": seed}))
+    return path
+
+
 def make_corpus(n: int = BOOK_STORIES, seed: int = 0, data_dir: str | Path = DATA_DIR) -> Path:
     """Write the built-in corpus (reused when it exists with the same size and seed)."""
     path = corpus_path(data_dir)
     meta = path.with_suffix(".meta.json")
-    if path.exists() and meta.exists() and json.loads(meta.read_text()) == {"n": n, "seed": seed}:
-        return path
-    _stories.write_jsonl(_stories.generate_stories(n, seed), path)
-    meta.write_text(json.dumps({"n": n, "seed": seed}))
-    return path
+    if path.exists():
+        try:
+            found = json.loads(meta.read_text())
+        except (OSError, ValueError):   # no .meta.json, or not JSON
+            found = None
+        if found == {"n": n, "seed": seed}:
+            return path
+        what = (f"{found['n']} stories of seed {found['seed']}"
+                if isinstance(found, dict) and found.keys() == {"n", "seed"} else
+                "stories of unknown size and seed")
+        print(f"{path} holds {what}: writing {n} stories of seed {seed} in its place")
+    return write_corpus(path, n, seed)
 
 
 def load_corpus(data: str, data_dir: str | Path = DATA_DIR) -> tuple[list[str], list[str]]:
