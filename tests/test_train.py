@@ -26,6 +26,12 @@ def test_resume_is_exact(data_dir, tmp_path):
     train(_cfg(data_dir, tmp_path / "b", max_iters=10))
     b = train(_cfg(data_dir, tmp_path / "b", max_iters=20), resume=True)
     assert _losses(tmp_path / "a") == _losses(tmp_path / "b") and len(_losses(tmp_path / "a")) == 20
+    # the tokens count on from the checkpoint: the same column in both logs
+    tokens = {run: [r["tokens"] for r in read_log(tmp_path / run / "log.jsonl") if "tokens" in r]
+              for run in "ab"}
+    c = _cfg(data_dir, tmp_path)
+    assert tokens["a"] == tokens["b"]
+    assert tokens["a"][-1] == 20 * c.batch_size * c.grad_accum * c.max_seq_len
     wa, wb = _weights(a), _weights(b)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert (tmp_path / "a" / "loss.png").stat().st_size > 1000

@@ -362,7 +362,7 @@ def _train(cfg, resume, rank, world, master, out, ckpt_path) -> Path:
     torch.manual_seed(cfg.seed)
     model = Transformer(args).to(cfg.device)
     optimizer = make_optimizer(model, cfg)
-    it0, best_val, history = 0, float("inf"), []
+    it0, best_val, history, tokens0 = 0, float("inf"), [], 0
     if state is None and getattr(cfg, "init_from", None):   # fine-tuning starts from these
         model.load_state_dict(Transformer.from_pretrained(cfg.init_from).state_dict())
     if state is not None:
@@ -370,6 +370,7 @@ def _train(cfg, resume, rank, world, master, out, ckpt_path) -> Path:
         optimizer.load_state_dict(state["optimizer"])
         _set_rng_state(state["rng"])
         it0, best_val = state["iter_num"], state["best_val_loss"]
+        tokens0 = state.get("tokens", 0)   # checkpoints before it was saved: counted from 0
     n_params = sum(p.numel() for p in model.parameters())
     dev_type = torch.device(cfg.device).type
     raw = model
@@ -413,7 +414,7 @@ def _train(cfg, resume, rank, world, master, out, ckpt_path) -> Path:
                 "model": raw.state_dict(), "optimizer": optimizer.state_dict(),
                 "model_args": args.to_dict(), "config": dataclasses.asdict(cfg),
                 "iter_num": it, "best_val_loss": best_val, "rng": _rng_state(),
-                "scaler": scaler.state_dict()})
+                "scaler": scaler.state_dict(), "tokens": tokens0 + n_tokens * world})
 
     out.mkdir(parents=True, exist_ok=True)
     log = open(out / "log.jsonl", "a" if resume else "w") if master else None
@@ -421,8 +422,8 @@ def _train(cfg, resume, rank, world, master, out, ckpt_path) -> Path:
     old_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.append(1)) if master \
         else None
     peak = measured_peak_flops(cfg.device) * world
-    # tokens actually processed: fine-tuning rows are cut after their last target, far short
-    # of max_seq_len
+    # tokens actually processed in this call (fine-tuning rows are cut after their last target,
+    # far short of max_seq_len); the log counts from the start of the run, across resumes
     n_rows = n_tokens = 0
     bar = tqdm(range(it0, cfg.max_iters), initial=it0, total=cfg.max_iters,
                disable=not (master and cfg.progress), desc="train")
@@ -465,8 +466,8 @@ def _train(cfg, resume, rank, world, master, out, ckpt_path) -> Path:
             if it % cfg.log_interval == 0 or it == cfg.max_iters - 1:
                 tps = n_tokens * world / (time.perf_counter() - t0)
                 mfu = tps * flops_per_token(args, n_params, n_tokens / n_rows) / peak
-                _log(log, {"iter": it, "loss": total, "lr": lr, "tokens": n_tokens * world,
-                           "tokens_per_s": tps, "mfu": mfu})
+                _log(log, {"iter": it, "loss": total, "lr": lr,
+                           "tokens": tokens0 + n_tokens * world, "tokens_per_s": tps, "mfu": mfu})
                 bar.set_postfix(loss=f"{total:.3f}", tok_s=f"{tps:,.0f}")
                 history.append((it, total))
             if interrupted:
