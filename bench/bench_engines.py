@@ -46,17 +46,23 @@ OUT = Path(os.environ.get("BABYLLAMA_OUT") or ROOT / "out") / "bench"   # the te
 TOKENIZER_MODEL = ROOT.parent / "shared" / "data" / "llama2_tokenizer.model"   # for GGUF
 
 
-def make_files(shape: str) -> dict[int, Path]:
-    """v0 (fp32) and v2 (int8) files of a random model with a preset's shape, cached."""
+def seeded_model(shape: str):
+    """The random model (seed 0) with a preset's shape that every engine here is given."""
     import torch
 
-    from babyllama.export import write_model
     from babyllama.model import PRESETS, Transformer
+
+    torch.manual_seed(0)
+    return Transformer(PRESETS[shape])
+
+
+def make_files(shape: str) -> dict[int, Path]:
+    """v0 (fp32) and v2 (int8) files of seeded_model(shape), cached."""
+    from babyllama.export import write_model
 
     files = {v: OUT / f"{shape}_v{v}.bin" for v in (0, 2)}
     if not all(f.exists() for f in files.values()):
-        torch.manual_seed(0)
-        model = Transformer(PRESETS[shape])
+        model = seeded_model(shape)
         for v, f in files.items():
             write_model(model, f, version=v)
     return files
@@ -317,10 +323,9 @@ def run_llama_cpp(shapes: list[str], threads: list[int], prompt_len: int, gen: i
         print("  this babyllama has no GGUF writer (babyllama.export.write_gguf): skipped")
         return []
     import sentencepiece as spm_lib
-    import torch
 
     from babyllama.fast_c import CLlama
-    from babyllama.model import PRESETS, Transformer
+    from babyllama.model import PRESETS
 
     # a GGUF carries its vocabulary: Llama 2's for the 32000-token shapes, the book's 512-piece
     # SentencePiece model (made by `make run` or chapter 01) for stories260K's
@@ -335,12 +340,10 @@ def run_llama_cpp(shapes: list[str], threads: list[int], prompt_len: int, gen: i
             print(f"  {shape}: no SentencePiece model of {PRESETS[shape].vocab_size} pieces "
                   f"(looked for {TOKENIZER_MODEL} and out/tok512.model): skipped")
             continue
-        torch.manual_seed(0)
-        model = Transformer(PRESETS[shape])
         for fmt, dtype in (("fp32", "f32"), ("int8", "q8_0")):
             gguf = OUT / f"{shape}_{dtype}.gguf"
-            if not gguf.exists():
-                write_gguf(model, spm, gguf, dtype)
+            if not gguf.exists():   # the same weights as make_files' files
+                write_gguf(seeded_model(shape), spm, gguf, dtype)
             ours = make_files(shape)[0 if fmt == "fp32" else 2]
             for th in threads:
                 # n_threads_batch: llama-cpp-python's default is every core, whatever n_threads
