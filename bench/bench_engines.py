@@ -10,9 +10,10 @@ table is printed and saved with a plot as bench/engines.png (+ bench/results.jso
 
 Then prefill and decode tables for the C engine at 1 and --threads threads, fp32 and int8: a
 256-token prompt (fewer when the context is shorter) batched against token by token, and the
-decode speed beside its memory bound, bytes/token / read bandwidth, the bandwidth measured in
-the same run. Pairs are interleaved (token-by-token, batched, token-by-token, ...) and the
-median ratio is reported with the spread of the pairs, so a shared machine shows its noise.
+decode speed beside its memory bound, bytes/token / read bandwidth at the same threads, the
+bandwidth measured in the same run. Pairs are interleaved (token-by-token, batched,
+token-by-token, ...) and the median ratio is reported with the spread of the pairs, so a
+shared machine shows its noise.
 The CPU model, its SIMD features and the library's int8 path are printed at the top. For the
 book's small shape (dim 128), a table of where a token's time goes: a ctypes call, the forward
 pass, the sampler, an OpenMP fork/join, and the generation loop in Python against the one in C
@@ -155,15 +156,33 @@ def cpu_info() -> str:
             f"libbabyllama int8 path: {simd_path()}")
 
 
-def read_bandwidth(mb: int = 256, repeats: int = 5) -> float:
-    """Bytes/s of one core streaming an array far bigger than the caches (best of `repeats`)."""
-    a = np.ones(mb * (1 << 20) // 4, dtype=np.float32)
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        a.sum()
-        best = min(best, time.perf_counter() - t0)
-    return a.nbytes / best
+def read_bandwidth(threads: int, mb: int = 256, repeats: int = 5) -> float:
+    """Bytes/s that `threads` threads stream from an array far bigger than the caches (best of
+    `repeats`): the faster of NumPy's sum (one core) and our fp32 matvec (bl_matmul_f32, four
+    rows at a time, as decoding reads weights)."""
+    import ctypes
+
+    from babyllama.fast_c import load_library
+
+    def best(fn) -> float:
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    n = 4096
+    w = np.full((mb * (1 << 20) // (4 * n), n), 0.5, dtype=np.float32)
+    x, out = np.ones(n, dtype=np.float32), np.zeros(w.shape[0], dtype=np.float32)
+    lib = load_library()
+    f32p = np.ctypeslib.ndpointer(np.float32, flags="C_CONTIGUOUS")
+    lib.bl_matmul_f32.argtypes = [f32p, f32p, f32p, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+    lib.bl_matmul_f32.restype = None
+    seconds = best(lambda: lib.bl_matmul_f32(out, x, w, n, w.shape[0], threads))
+    if threads == 1:
+        seconds = min(seconds, best(w.sum))
+    return w.nbytes / seconds
 
 
 def weight_bytes(path: Path) -> int:
@@ -172,8 +191,9 @@ def weight_bytes(path: Path) -> int:
 
 
 def run_prefill_decode(shapes: list[str], threads: list[int], prompt_len: int, gen: int,
-                       repeats: int, bandwidth: float) -> list[dict]:
-    """Batched prefill vs token by token (interleaved pairs), and decode vs its memory bound."""
+                       repeats: int, bandwidth: dict[int, float]) -> list[dict]:
+    """Batched prefill vs token by token (interleaved pairs), and decode vs its memory bound
+    (bandwidth[threads] / bytes per token)."""
     from babyllama.fast_c import CLlama
 
     rows = []
@@ -198,7 +218,7 @@ def run_prefill_decode(shapes: list[str], threads: list[int], prompt_len: int, g
                 e.forward(prompt[i % T], T + i)
             decode.append(gen / (time.perf_counter() - t0))
         ratios = np.array(batched) / np.array(by_token)
-        bound = bandwidth / weight_bytes(path)
+        bound = bandwidth[th] / weight_bytes(path)
         rows.append({"shape": shape, "format": fmt, "threads": th, "prompt": T,
                      "prefill_tok_s": max(batched), "by_token_tok_s": max(by_token),
                      "prefill_ratio": float(np.median(ratios)),
@@ -500,8 +520,10 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     OUT.mkdir(parents=True, exist_ok=True)
     print(cpu_info())
-    bandwidth = read_bandwidth()
-    print(f"read bandwidth, one core: {bandwidth / 1e9:.1f} GB/s (NumPy sum over 256 MB)")
+    bandwidth = {th: read_bandwidth(th) for th in sorted({1, a.threads})}
+    print("read bandwidth (256 MB, the faster of NumPy's sum and our fp32 matvec): " +
+          ", ".join(f"{bw / 1e9:.1f} GB/s at {th} thread{'s' * (th > 1)}"
+                    for th, bw in bandwidth.items()))
     print("engines, side by side:")
     rows = run_engines(a.shapes, a.prompt, a.gen, a.threads)
     print_table(rows)
