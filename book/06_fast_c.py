@@ -260,11 +260,15 @@ print("Once upon a time" + "".join(tok.stream(engine.generate(start, 256, 0.8, 0
 # On a quiet 2-core AMD EPYC (AVX2, December 2026), `bench/bench_engines.py --llama2c`
 # measured our CLI against llama2.c's `run` and `runq` (built `-Ofast -fopenmp
 # -march=native`) on the same files, as the median ratio (our tokens/s ÷ llama2.c's: above 1,
-# ours is faster) of 7 back-to-back pairs, at 1 and 2 threads: stories15M fp32 0.93× and
-# 0.98×, int8 1.59× and 1.82×; stories110M fp32 0.98× and 1.01×, int8 1.52× and 1.55×;
-# stories260K fp32 1.40× and 1.17×, int8 4.71× and 2.82×. In fp32 both programs stream the
-# weights at ~85% of what one core can read (§6.5), so there is nothing left for a
-# matrix–vector product to win; in int8 the arithmetic is the limit, and ours does less of it.
+# ours is faster) of 7 back-to-back pairs, at 1 and 2 threads: stories15M fp32 0.85× and
+# 0.92×, int8 2.13× and 1.79×; stories110M fp32 1.00× and 0.94×, int8 1.64× and 1.61×;
+# stories260K fp32 1.24× and 1.32×, int8 4.86× and 3.09× (an earlier session: 15M fp32 0.93×
+# and 0.98×, 110M 0.98× and 1.01×). In fp32 both programs stream the same weights from DRAM
+# as fast as this CPU delivers them (§6.5), so there is nothing left for a matrix–vector
+# product to win: with run.c's own matmul loop compiled into our engine, our CLI stayed at
+# 0.95× of run.c on 15M — the rest is the attention and the sampler in double, which we keep
+# so that NumPy and C draw the same tokens. In int8 the arithmetic is the limit, and ours does
+# less of it.
 #
 
 # %% [markdown]
@@ -689,8 +693,11 @@ plt.show()
 # for the 15M and 110M shapes, batched against token by token, beside llama2.c, and against
 # llama.cpp's batched prefill when `llama-cpp-python` is installed. Measured with it outside
 # this notebook (AMD EPYC Zen 3, quiet, 5 interleaved pairs, the same threads for both), our
-# prefill ÷ llama.cpp's: fp32 1.10 (1 thread) and 1.00 (2 threads) on a 256-token prompt of the
-# 110M shape, 1.00 and 0.91 on 192 tokens of the 15M shape; int8 1.15–1.31. Keeping the
+# prefill ÷ llama.cpp's: fp32 0.97–1.10 on a 256-token prompt of the 110M shape and 1.00–1.03
+# on 192 tokens of the 15M shape, at 1 and 2 threads over two sessions; int8 1.13–1.33. (At 2
+# threads the 15M shape was at 0.91 while whole 56-row panels were dealt to the threads: its
+# 288-row matrices split 168 / 120 rows. Each thread now takes an equal share of every
+# matrix's rows.) Keeping the
 # decoding kernel's order costs little once the tile is fed well: loading each slice of x once
 # for both rows, keeping it in L1 and fetching the next panel early took fp32 prefill from
 # ~200 to ~240 tok/s on the 110M shape (one thread).
