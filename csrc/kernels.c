@@ -299,6 +299,11 @@ static void panel_f32(const bl_matvec *job, const float *x, int T, int n, int r0
 
 void bl_matmats_f32(const bl_matvec *jobs, int njobs, const float *x, int T, int n,
                     int threads) {
+    if (T == 1) {   /* one token (a prompt's classifier): the matvec, the same sums in the same
+                     * order, and it streams rows from DRAM better than a tile would */
+        bl_matmuls_f32(jobs, njobs, x, n, threads);
+        return;
+    }
     long work = (long)T * batch_work(jobs, njobs, n, 0);
     int rows = panel_rows(n, 4, FPANEL);
     rows = rows < FK_ROWS ? FK_ROWS : rows;   /* long rows: a bigger panel, see FK_ROWS */
@@ -425,6 +430,10 @@ static void panel_q80(const bl_matvec *j, const bl_qtensor *x, int T, int n, int
 
 void bl_matmats_q80(const bl_matvec *jobs, int njobs, const bl_qtensor *x, int T, int n, int gs,
                     int threads) {
+    if (T == 1) {   /* as bl_matmats_f32: the matvec, qdot's bits */
+        bl_matmuls_q80(jobs, njobs, x, n, gs, threads);
+        return;
+    }
     int ngroups = n / gs, rows = panel_rows(n, 1, 65536);
     long work = (long)T * batch_work(jobs, njobs, n, 16 * ngroups);
     char *pack = NULL;   /* each thread's packed rows and scales */

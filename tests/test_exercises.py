@@ -453,9 +453,15 @@ def test_ex6_2_c_quantize_equals_numpy():
 
 
 def test_ex6_3_threads_do_not_change_the_logits(tmp_path):
-    path = write_model(scaled_model(ModelArgs(dim=256, n_layers=2, n_heads=4, vocab_size=256,
-                                              hidden_dim=768, max_seq_len=16), scale=3.0),
-                       tmp_path / "m.bin", version=0)
+    a = ModelArgs(dim=512, n_layers=2, n_heads=8, vocab_size=512, hidden_dim=1536, max_seq_len=32)
+    # big enough that 2 threads really split a token: work_threads (csrc/model.h) runs anything
+    # under 2**22 multiply-adds a token on one thread, whatever the engine was given
+    per_token = a.n_layers * (4 * a.dim * a.dim + 3 * a.dim * a.hidden_dim) + a.vocab_size * a.dim
+    assert per_token >= 1 << 22
+    path = write_model(scaled_model(a, scale=3.0), tmp_path / "m.bin", version=0)
     one, two = CLlama.load(path, threads=1), CLlama.load(path, threads=2)
     for pos, t in enumerate([1, 7, 42, 9]):
         assert np.array_equal(one.forward(t, pos), two.forward(t, pos))   # bit for bit
+    prompt = [1, *range(3, 60, 4)]                                          # prefill too
+    one.reset(), two.reset()
+    assert np.array_equal(one.forward_tokens(prompt, 0), two.forward_tokens(prompt, 0))
