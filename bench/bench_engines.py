@@ -374,10 +374,14 @@ def run_llama_cpp(shapes: list[str], threads: list[int], prompt_len: int, gen: i
                 prompt = np.random.default_rng(0).integers(3, PRESETS[shape].vocab_size, T)
                 pp, pp_ours = [], []
                 for _ in range(repeats):   # interleaved: ours, llama.cpp, ours, ...
+                    # a pause first: both engines' worker threads spin for a while after a
+                    # call, and would slow down the other engine's next one
+                    time.sleep(0.3)
                     e.reset()
                     t0 = time.perf_counter()
                     e.prefill(prompt.tolist(), 0)
                     pp_ours.append(T / (time.perf_counter() - t0))
+                    time.sleep(0.3)
                     llm.reset()
                     t0 = time.perf_counter()
                     llm.eval(prompt.tolist())

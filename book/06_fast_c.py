@@ -54,7 +54,11 @@ tok = Tokenizer.from_bin(paths.tok_bin)
 # %% [markdown]
 # ## 6.1 A naive matmul in C
 #
-# `W (d, n) @ x (n,)`: one dot product per output row.
+# `W (d, n) @ x (n,)`: one dot product per output row. We compile the C into a shared library
+# (`-shared -fPIC`), load it with `ctypes.CDLL` and declare its argument types:
+# `np.ctypeslib.ndpointer(np.float32, flags="C_CONTIGUOUS")` lets a contiguous float32 NumPy
+# array be passed as a `float *` (ctypes checks its dtype and layout), `c_int` the sizes, and
+# `restype = None` says the function returns `void`.
 
 # %%
 naive_c = r"""
@@ -123,9 +127,11 @@ print(c_function(kernels, "dot4_f32"))
 #   lanes in one instruction (a *fused* multiply-add: one rounding instead of two).
 # - `xv`, the 8 values of `x`, is loaded once and used by four rows: per step, 5 loads feed 4
 #   FMAs instead of 8 loads for 4 separate dot products.
-# - `a0`..`a3` are four independent accumulators. An FMA takes about 4 cycles to deliver its
-#   result, but the CPU can start two per cycle: with a single accumulator each FMA would wait
-#   for the previous one. Four chains keep the unit busier.
+# - `a0`..`a3` are one accumulator per row, so the four rows are four independent chains of
+#   additions. An FMA takes about 4 cycles to deliver its result and the CPU can start two per
+#   cycle: with a single chain each FMA would wait for the previous one. (Filling both FMA
+#   units would take about 8 chains; once the weights come from main memory, memory is the
+#   limit anyway — §6.5.)
 # - After the loop, `hsum256` adds the 8 lanes of each accumulator; the plain `for` loop at the
 #   end handles the last `n % 8` values, so any row length works.
 # - `__builtin_prefetch` asks the memory system for the *next* four rows while these are
@@ -160,6 +166,7 @@ print("library matmul == NumPy")
 # %%
 # NBVAL_IGNORE_OUTPUT
 def gflops(fn, reps=50):
+    time.sleep(0.5)   # let NumPy's BLAS threads go idle first (see below)
     fn()
     t0 = time.perf_counter()
     for _ in range(reps):
@@ -177,17 +184,26 @@ for name, fn in rows:
 # %% [markdown]
 # The naive loop is several times slower than the SIMD kernel: C may not reorder a float sum,
 # so without `-ffast-math` the compiler cannot split `val += …` across SIMD lanes, and every
-# addition waits for the previous one. The SIMD kernel on one thread keeps up with NumPy's
-# BLAS; a second thread helps less than 2×, since both share the same caches and memory.
+# addition waits for the previous one (it is also built without `-march=native`, so with
+# older instructions). The SIMD kernel on one thread keeps up with NumPy's BLAS. The matrix
+# (6.3 MB) stays in the 32 MB L3 cache across the repetitions, so these are in-cache speeds;
+# §6.5 measures main memory. A second thread rarely gives 2× on a matrix this small: each call
+# forks and joins the threads (§6.5), and when the other core is busy the call waits for it.
+# One thing keeps it busy in this very process: after each call, NumPy's BLAS (OpenBLAS) lets
+# its worker threads spin, waiting for more work, for about a tenth of a second. A 2-thread
+# call of ours started in that window ran here at under a tenth of its speed, which is why
+# `gflops` pauses half a second before it times anything.
 #
 # ## 6.3 The whole forward pass, token for token
 #
 # `CLlama.load(path, threads)` has chapter 5's interface. The C side validates the file
 # (header, sizes, file length) before it maps it; every entry point returns an error code and
 # a message, which Python raises. For int8 (v2) files, activations are quantized before each
-# matmul as in llama2.c's runq.c; both engines do the small operations (norms, softmax, RoPE)
-# in double precision and round to float32, so they agree to the last bit before every
-# quantization — otherwise one flipped rounding would move a logit by a whole quantization step.
+# matmul as in llama2.c's runq.c. fp32 logits differ from NumPy's in the last digits (~1e-6):
+# the C matmul adds in another order. int8 logits are identical: group sums are exact
+# integers, and both engines do the small operations (norms, softmax, RoPE) in double and
+# round to float32, so both quantize the very same activations. (Were one rounding different
+# before a quantization, a logit could move by a whole quantization step.)
 
 # %%
 # NBVAL_IGNORE_OUTPUT
@@ -236,39 +252,50 @@ print("Once upon a time" + "".join(tok.stream(engine.generate(start, 256, 0.8, 0
 # ## 6.4 Where a token's time goes
 #
 # A token reads every weight once: stories15M in fp32 is 61 MB per token. That is more than
-# the CPU caches hold, so the weights stream from main memory, and the speed of that stream
-# caps the tokens per second however fast the arithmetic (§6.5 measures both). Once the matmul
-# is SIMD, the rest of the kernel is about not wasting that stream:
+# the CPU caches hold (on this AMD EPYC: L1, 32 KB per core, the fastest; L2, 512 KB per core;
+# L3, 32 MB shared by the cores), so the weights stream from main memory (DRAM), and the speed
+# of that stream caps the tokens per second however fast the arithmetic (§6.5 measures both).
+# Profiled with `perf` on that machine, 91% of a stories15M fp32 token is spent in the
+# matmuls, 4% in attention and 2% in the sampler. Once the matmul is SIMD, the rest of the
+# kernel is about not wasting that stream:
 #
 # - **Prefetch.** `dot4_f32` asks for the next block of 4 rows while it sums the current one.
 #   stories15M's rows are short (288 floats), and the hardware prefetcher alone left each
-#   thread waiting at the start of every block (one core: 10 → 11–12 GB/s).
+#   thread waiting at the start of every block (one core of an AMD EPYC Zen 3: 10 → 11–12
+#   GB/s).
 # - **Fewer forks.** `wq`, `wk`, `wv` read the same input, and so do `w1`, `w3`: each group
 #   runs in one OpenMP region (`bl_matmuls_f32`), the threads meeting once instead of three
-#   times.
+#   (or two) times.
 # - **Attention that streams.** The KV cache is laid out per KV head,
 #   `(n_layers, n_kv_heads, seq_len, head_size)` (`head_size` is run.c's name for `head_dim`,
 #   and our C code keeps it), so a head's keys at positions 0..pos are one contiguous run
 #   rather than `head_size` floats out of every `kv_dim`-float row.
 # - **Nothing recomputed.** RoPE's `cos`/`sin` table (`freqs_cos`, `freqs_sin`) is made once
 #   at load, not per token and layer.
-# - **No thread idles in the sampler.** The softmax over 32,000 logits (in double, like
+# - **The sampler's softmax is shared.** The softmax over 32,000 logits (in double, like
 #   NumPy's, so that both engines draw the same token) is split in fixed chunks across the
-#   threads; combining the chunks in a fixed order keeps the result the same for any thread
-#   count.
+#   threads (for vocabularies of 8,192 and up); combining the chunks in a fixed order keeps the
+#   result the same for any thread count.
 #
 # On a quiet 2-core AMD EPYC (AVX2, December 2026), `bench/bench_engines.py --llama2c`
 # measured our CLI against llama2.c's `run` and `runq` (built `-Ofast -fopenmp
 # -march=native`) on the same files, as the median ratio (our tokens/s ÷ llama2.c's: above 1,
-# ours is faster) of 7 back-to-back pairs, at 1 and 2 threads: stories15M fp32 0.85× and
-# 0.92×, int8 2.13× and 1.79×; stories110M fp32 1.00× and 0.94×, int8 1.64× and 1.61×;
-# stories260K fp32 1.24× and 1.32×, int8 4.86× and 3.09× (an earlier session: 15M fp32 0.93×
-# and 0.98×, 110M 0.98× and 1.01×). In fp32 both programs stream the same weights from DRAM
-# as fast as this CPU delivers them (§6.5), so there is nothing left for a matrix–vector
-# product to win: with run.c's own matmul loop compiled into our engine, our CLI stayed at
-# 0.95× of run.c on 15M — the rest is the attention and the sampler in double, which we keep
-# so that NumPy and C draw the same tokens. In int8 the arithmetic is the limit, and ours does
-# less of it.
+# ours is faster) of 7 back-to-back pairs (differences under ~10% are within the
+# session-to-session noise of this machine):
+#
+# | ours ÷ llama2.c | fp32, 1 thread | fp32, 2 threads | int8, 1 thread | int8, 2 threads |
+# | --- | --- | --- | --- | --- |
+# | stories260K | 1.24 | 1.32 | 4.86 | 3.09 |
+# | stories15M | 0.85 | 0.92 | 2.13 | 1.79 |
+# | stories110M | 1.00 | 0.94 | 1.64 | 1.61 |
+#
+# In fp32 both programs read the same 61 or 438 MB per token from main memory, and a
+# matrix–vector product has nothing to win once it reads as fast as the other: timed alone on
+# the models' matrices, our matmul and run.c's loop stream at the same rate (±5%). stories15M
+# trails because of what surrounds the matmul: with run.c's own matmul loop compiled into our
+# engine it still ran at 0.95× of run.c; our attention and sampler compute in double (so that
+# NumPy and C draw the same tokens), run.c's in float. In int8 the arithmetic is the limit:
+# runq.c sums each group in a scalar loop, ours with SIMD integer instructions (§6.7).
 #
 
 # %% [markdown]
@@ -311,8 +338,9 @@ for th, bw in bandwidth.items():
 # Now the whole C engine, generating one token at a time, on models with the shapes of
 # stories260K, stories15M and stories110M (random weights: speed does not depend on what a model
 # learned; `bench/bench_engines.py` makes and caches them in `out/bench/`), fp32 and int8, at 1
-# and 2 threads. Bytes per token are the file's weights (the embedding table is read in full
-# once, as the classifier).
+# and 2 threads. Bytes per token are the file's weights (decoding reads one row of the
+# embedding table, but the classifier shares that table and reads all of it, so it counts
+# once, in full).
 
 # %%
 # NBVAL_IGNORE_OUTPUT
@@ -370,23 +398,28 @@ for (s, fmt, th), v in speed.items():
                     xytext=(5, 3), textcoords="offset points")
 ax.scatter([], [], color="tab:blue", label="1 thread")
 ax.scatter([], [], color="tab:orange", label="2 threads")
+ax.scatter([], [], marker="o", color="gray", label="fp32")
+ax.scatter([], [], marker="s", color="gray", label="int8")
 ax.set_xscale("log")
 ax.set_yscale("log")
 ax.set_xlabel("weight bytes read per token (MB, log)")
 ax.set_ylabel("generated tokens/s (log)")
-ax.set_title("C engine: measured speed (circles fp32, squares int8) against the memory limit")
+ax.set_title("C engine: measured decoding speed against the memory limit")
 ax.legend(fontsize=7, loc="upper right")
 fig.tight_layout()
 plt.show()
 
 # %% [markdown]
-# A point on its dashed line is memory-bound: it reads weights as fast as DRAM delivers them.
-# A point below it is limited by something else. (This machine is shared and on a busy minute
-# every point drops: read the table's ratios rather than its absolute numbers. Its column
-# `GB/s at 2 thr` is tok/s × MB per token: how fast a model actually streamed its weights.)
+# A point on the line for its thread count (dotted for 1, dashed for 2) reads weights as fast
+# as DRAM delivers them; a point below it is limited by something else. Points in the green
+# band are not limited by DRAM at all: their weights stay in the cache from one token to the
+# next (stories260K's 1 MB). (This machine is shared and on a busy minute every point drops:
+# read the table's ratios rather than its absolute numbers. Its column `GB/s at 2 thr` is
+# tok/s × MB per token: how fast a model actually streamed its weights.)
 #
-# - **fp32 15M and 110M sit near the line.** At 2 threads they stream their weights at most
-#   of the 2-thread DRAM bandwidth measured above. Memory traffic sets their pace.
+# - **fp32 110M comes closest to the line**, at most of the 2-thread bandwidth; 15M further
+#   below it: its rows are short (288 floats), so more of its time goes to starting rows, to
+#   attention and to the sampler. Memory traffic sets fp32's pace.
 # - **int8 does not get the 3.6× its smaller file promises.** The int8 models stream clearly
 #   fewer GB/s than the fp32 ones in the same column, so memory is not what holds them back:
 #   their arithmetic is. Per weight, the int8 kernel does more than an fp32 FMA lane does: an
@@ -394,8 +427,7 @@ plt.show()
 #   multiplies by the scales; and before every matmul it quantizes the activations. So int8's
 #   limit is in *weights per second* (tok/s × weights per token), while fp32's is bandwidth ÷
 #   4 bytes weights per second. The gain of int8 over fp32 is the ratio of the two:
-#   `gain ≈ int8 weights/s × 4 bytes ÷ bandwidth` — 2.5 to 3× in our runs on this machine,
-#   for 15M and 110M alike (the cell below computes it from this run's numbers).
+#   `gain ≈ int8 weights/s × 4 bytes ÷ bandwidth`, if fp32 ran exactly at the DRAM limit.
 # - **The gain depends on the CPU.** It is the ratio of two different limits, int8
 #   arithmetic against fp32 memory traffic: `gain ≈ int8 weights/s × 4 bytes ÷ bandwidth`. A
 #   CPU with more memory bandwidth per core runs fp32 faster but int8 no faster, and there the
@@ -404,10 +436,12 @@ plt.show()
 # - stories15M's int8 file (17 MB) even fits in this CPU's 32 MB L3 cache, so after the first
 #   token it hardly touches DRAM: there the arithmetic is all there is.
 #
-# The cell below applies the formula to this run's own numbers (the better of 1 and 2 threads
-# for each, which is the less disturbed on a shared machine). The formula assumes fp32 runs
-# exactly at the DRAM limit; where fp32 falls short of it (compare its GB/s with the
-# bandwidth), the measured gain comes out a little above the predicted one.
+# The cell below puts this run's numbers into the formula (each format at its faster thread
+# count; on a shared machine the faster try is the less disturbed one). It is a check of one
+# assumption rather than a prediction — the int8 rate comes from the same measurement: the
+# formula's gain and the measured one differ exactly by how far fp32 falls short of the DRAM
+# limit (its GB/s against the bandwidth). Where fp32 reaches 65–80% of it, the measured gain
+# is correspondingly above the formula's.
 
 # %%
 # NBVAL_IGNORE_OUTPUT
@@ -430,12 +464,11 @@ for s in ("stories15M", "stories110M"):
 # the scalar loop: int8 was 5 to 9 times slower than fp32. Now `qdot` computes the exact sums
 # of 8 narrow groups in the lanes of one vector per step, and the activations are quantized
 # two 4-wide groups at a time, each sum and scale still in the scalar loop's order (the same
-# bits). int8 stays about 2× slower than fp32 on this model for two reasons the table shows:
-# the whole fp32 model (1 MB) sits in the caches, so fp32 never waits on memory and int8's
-# smaller file buys nothing; and with groups of 4, int8 pays a conversion and two scale
-# multiplies every 4 weights (every 32 in 15M). To see that the group size itself no longer
-# costs much, we give the same model `hidden_dim` 192 (= 3 × 64), which allows groups of 64,
-# and time both.
+# bits). int8 is still slower than fp32 on this model: the whole fp32 model (1 MB) sits in the
+# caches, so fp32 never waits on memory and int8's smaller file buys nothing, while int8 still
+# quantizes the activations before every matmul and converts and scales every group. Is the
+# group of 4 itself still a cost? We give the same model `hidden_dim` 192 (= 3 × 64), which
+# allows groups of 64, and time both (the fp32 figure is the 172-wide model's, from the table):
 
 # %%
 # NBVAL_IGNORE_OUTPUT
@@ -464,10 +497,15 @@ for hidden in (172, 192):
           f"{fp32_tok_s / tok_s:.1f}")
 
 # %% [markdown]
+# The two int8 rows show what the group of 4 still costs — in our runs between nothing and a
+# third, within this shared machine's noise. The rest of int8's gap to fp32 is its per-matmul
+# quantization and per-group work, against an fp32 model that never waits on memory.
+#
 # ### Why 2 threads can be slower than 1 on a tiny model
 #
-# Starting a parallel region wakes the other thread and, at its end, waits for it. That
-# fork-join costs microseconds, while a stories260K matrix (64 × 64 = 4,096 multiply-adds) is
+# Starting a parallel region (a block OpenMP runs on all the threads) wakes the other thread
+# — the *fork* — and, at its end, waits for it — the *join*. That fork-join costs about a
+# microsecond on an idle machine, far more when the other core is busy, while a stories260K matrix (64 × 64 = 4,096 multiply-adds) is
 # a fraction of a microsecond of SIMD work: split in two, each half saves less than the
 # meeting costs, and if the other core is busy with something else, the region waits for it.
 # Here is a naive matmul with an OpenMP loop, timed at 1 and 2 threads on a tiny and on a large
@@ -519,14 +557,14 @@ else:
         print(f"{d_:4} x {n_:3} matmul: 1 thread {us[1]:8.2f} µs, 2 threads {us[2]:8.2f} µs")
 
 # %% [markdown]
-# (Much of both 64 × 64 timings is the cost of calling C from Python through `ctypes`, the
-# same at 1 and 2 threads; what the second thread adds is their difference, about one
-# fork-join. On the large matrix the work dwarfs it, and 2 threads nearly halve the time.)
+# (Both 64 × 64 timings include the cost of calling C from Python through `ctypes`, a few
+# microseconds, the same at 1 and 2 threads. What the second thread adds is their difference:
+# about a fork-join on an idle machine, several when the other core is busy and the region
+# waits for it. On the large matrix the work dwarfs it, and 2 threads nearly halve the time.)
 #
 # So the library forks only when a batch of matmuls has at least 65,536 multiply-adds
-# (`BL_PARALLEL_MIN` in `kernels.c`): stories260K's fp32 matmuls all run on one thread, and a
-# second thread can only help (or cost) where the work is large enough — its int8 matmuls,
-# whose per-group overhead counts as work, and the larger models.
+# (`BL_PARALLEL_MIN` in `kernels.c`; for int8 the per-group overhead counts as work):
+# stories260K's fp32 matmuls all run on one thread.
 #
 # One level up, the same reasoning picks a whole token's thread count. At dim 128 a token is
 # about 0.8 million multiply-adds, a tenth of a millisecond on one core, spread over about nine
@@ -534,7 +572,8 @@ else:
 # fork-join costs microseconds; on a busy one, where the other core is running something else,
 # it can cost a scheduler time slice — milliseconds. So a forward or prefill whose tokens ×
 # multiply-adds per token is below 2²² runs on one thread (`work_threads` in `model.h`): the
-# book model and stories260K decode single-threaded, stories15M and up split. And the Python
+# book model and stories260K decode single-threaded, stories15M and up split (so the table's
+# two stories260K columns differ only by noise). And the Python
 # side of generation is one `ctypes` call per chunk of tokens, not a forward call and a
 # sampler call per token: `CLlama.generate` runs the loop in C (`bl_context_generate`, with
 # run.c's sampler and the same random state, so the tokens are still NumPy's).
@@ -550,25 +589,34 @@ else:
 # for one multiply-add, 2 flops per weight. In fp32 that is 2 flops per 4 bytes, an
 # *arithmetic intensity* of 0.5 flop/byte; in Q8_0 2 flops per `1 + 4/gs` bytes (1.125 with
 # groups of 32), about 1.8 flop/byte. A core can do far more arithmetic per second than that
-# times its memory bandwidth, so decoding waits on memory, and the best a step can do is
-# bandwidth ÷ bytes per token.
+# times its memory bandwidth, so fp32 decoding waits on memory, and the best a step can do is
+# bandwidth ÷ bytes per token. (int8 decoding, §6.5 showed, is held back first by its
+# per-group arithmetic, which is not yet the kernel's peak either.)
 #
 # A prompt is different: all its tokens are known, so they can go through each layer together.
 # Then each matmul is matrix–matrix, `X (T, n) @ Wᵀ`, and every weight loaded serves T tokens:
 # 2T flops per weight. The *roofline* model puts the two limits in one picture: attainable
-# flop/s = min(peak flop/s, intensity × bandwidth). Below the ridge point a kernel is
-# memory-bound, above it compute-bound; batching the prompt moves prefill from the slanted part
-# of the roof to the flat one.
+# flop/s = min(peak flop/s, intensity × bandwidth). The two meet at the *ridge point*,
+# intensity = peak ÷ bandwidth: below it a kernel is memory-bound, above it compute-bound;
+# batching the prompt moves prefill from the slanted part of the roof to the flat one.
 #
 # `csrc/prefill.c` does this in blocks of up to 64 tokens. Its kernels (`bl_matmats_f32`,
-# `bl_matmats_q80` in `csrc/kernels.c`) keep a panel of weight rows in the L2 cache while all
-# the tokens pass over it, and inside the panel a tile of rows × tokens keeps its sums in
-# registers (fp32: 2 rows × 6 tokens, 12 accumulators, along the rows in blocks of 512 values
-# so that the 6 tokens' slices of x stay in L1; int8: 8 rows × 5 tokens, on a copy of the 8
-# rows laid out so that each vector lane builds one (row, token) group sum on its own — no
-# adding across lanes). Attention stays per token and head: token t sees the KV cache up to
-# its own position (causal), which the block writes for all its tokens first. The classifier runs for the last token only. Each (row, token) sum is added in the same order as the decoding
-# kernel's, so the logits are the very same numbers as token by token:
+# `bl_matmats_q80` in `csrc/kernels.c`) work on a *panel* — a group of weight rows, about 64 KB,
+# kept in the per-core L2 cache while all the tokens pass over it — and inside the panel on a
+# *tile*, a block of rows × tokens whose sums live in registers:
+#
+# - fp32: 2 rows × 6 tokens, 12 accumulators; each row is walked in blocks of 512 values so
+#   that the 6 tokens' slices of x stay in the small, fastest L1 cache.
+# - int8: 8 rows × 5 tokens, on a copy of the 8 rows repacked so that each 8-lane vector
+#   register builds the 8 rows' sums for one token, one row per lane — no adding across lanes.
+#
+# At 2 threads each thread takes an equal share of every matrix's rows. Attention stays per
+# token and head: the block first writes all its tokens' keys and values into the cache, then
+# token t attends to positions ≤ t only (causal). The classifier runs for the last token only.
+# Each (row, token) sum is added in the same order as the decoding kernel's, so the logits are
+# the very same numbers as token by token. We check three things: `prefill` (the last logits)
+# and `forward_tokens` (all of them) against one token at a time, bit for bit, and the C int8
+# prefill against NumPy's:
 
 # %%
 pf_engine = CLlama.load(files[0], threads=2)
@@ -579,17 +627,20 @@ pf_last = pf_engine.prefill(pf_prompt, 0)
 pf_engine.reset()
 pf_all = pf_engine.forward_tokens(pf_prompt, 0)
 pf_np = NumpyLlama.load(files[2]).prefill(pf_prompt, 0)
-pf_checks = [("prefill vs token by token (last logits)", np.abs(pf_last - pf_ref[-1]).max(), 1e-4),
-             ("forward_tokens vs token by token (all)", np.abs(pf_all - pf_ref).max(), 1e-4),
-             ("int8: NumPy prefill vs C prefill", np.abs(pf_np - CLlama.load(files[2]).prefill(pf_prompt, 0)).max(), 1e-3)]
+pf_c8 = CLlama.load(files[2]).prefill(pf_prompt, 0)
+pf_checks = [("prefill vs token by token (last logits)", np.abs(pf_last - pf_ref[-1]).max(), 0.0),
+             ("forward_tokens vs token by token (all)", np.abs(pf_all - pf_ref).max(), 0.0),
+             ("int8: NumPy prefill vs C prefill", np.abs(pf_np - pf_c8).max(), 1e-3)]
 for what, err, bound in pf_checks:
-    print(f"{what:40s} max |diff| {err:.1e} (bound {bound:.0e})")
+    print(f"{what:40s} max |diff| {err:.1e} "
+          f"({'must be 0' if bound == 0 else f'bound {bound:.0e}'})")
     assert err <= bound
 
 # %% [markdown]
 # How fast? The book's model fits in the caches, so for this we take the stories15M shape
 # (random weights, 61 MB in fp32, the bench's files). We measure the two roofs of one core —
-# its read bandwidth (a NumPy sum over 256 MB) and a compute peak (a large single-precision
+# its read bandwidth (the faster of a NumPy sum over 256 MB and §6.5's one-thread figure) and a
+# compute peak (a large single-precision
 # matrix product in NumPy's BLAS held to one thread: what a well-tuned kernel reaches) — then
 # our prefill at growing batch sizes T, on one thread. A call with T tokens reads every weight
 # once and does 2 flops per weight and token in the layers, and 2 per classifier weight for
@@ -634,7 +685,7 @@ def pf_peak(n: int = 1024) -> float:
 
 
 pf_files = bench_engines.make_files("stories15M")   # {0: fp32, 2: int8}; bench_engines from §6.5
-bw, peak = pf_bandwidth(), pf_peak()
+bw, peak = max(pf_bandwidth(), bandwidth[1] * 1e9), pf_peak()
 a_ = CLlama.load(pf_files[0], threads=1).args
 kv_dim = a_.n_kv_heads * a_.head_dim
 layer_weights = a_.n_layers * (2 * a_.dim * a_.dim + 2 * kv_dim * a_.dim      # wq wo, wk wv
@@ -663,7 +714,9 @@ for v in (0, 2):
 # NBVAL_IGNORE_OUTPUT
 fig, ax = plt.subplots(figsize=(6.5, 4))
 xs = np.logspace(-1, 3, 200)
-ax.plot(xs, np.minimum(peak, xs * bw) / 1e9, "k-", lw=1.5, label="roofline of one core (measured)")
+ax.plot(xs, np.minimum(peak, xs * bw) / 1e9, "k-", lw=1.5,
+        label="roofline of one core (measured: read bandwidth, fp32 BLAS peak)")
+ax.axvline(peak / bw, color="gray", ls=":", lw=1, label=f"ridge point ({peak / bw:.0f} flop/byte)")
 for v, name, color in ((0, "fp32", "tab:blue"), (2, "int8 Q8_0", "tab:orange")):
     pts = [(i, f) for vv, _, i, f in pf_points if vv == v]
     ax.plot([i for i, _ in pts], [f / 1e9 for _, f in pts], "o-", color=color,
@@ -678,37 +731,37 @@ fig.tight_layout()
 plt.show()
 
 # %% [markdown]
-# At T = 1 both formats are under the slanted roof: decoding is memory-bound, and int8's
-# points lie to the right of fp32's because the same flops need 1.125 bytes a weight instead
-# of 4. As T grows each byte serves more flops and the points climb (compare the tok/s at
-# T = 64 with T = 1 in the table) — but they level off well below the flat roof, at a
-# fraction of what NumPy's BLAS does on the same core. That is the price of a promise made
-# above: each (row, token) sum runs in the decoding kernel's order — its own 8-lane
-# accumulator along the row, then a horizontal sum — so that prefill and decoding give the
-# same bits. A BLAS is free to reorder: it keeps a block of *outputs* in registers and updates
-# them all with each weight it loads, with no horizontal sums at all. Our Q8_0 kernel
-# flattens out lower than fp32's: with int8 every group of `gs` products (32 here) ends in a
-# horizontal sum, a conversion and two float multiplies — which is where the integer
-# dot-product instructions below come in. `bench/bench_engines.py` prints the same comparison
-# for the 15M and 110M shapes, batched against token by token, beside llama2.c, and against
-# llama.cpp's batched prefill when `llama-cpp-python` is installed. Measured with it outside
-# this notebook (AMD EPYC Zen 3, quiet, 5 interleaved pairs, the same threads for both), our
-# prefill ÷ llama.cpp's: fp32 0.97–1.10 on a 256-token prompt of the 110M shape and 1.00–1.03
-# on 192 tokens of the 15M shape, at 1 and 2 threads over two sessions; int8 1.13–1.33. (At 2
-# threads the 15M shape was at 0.91 while whole 56-row panels were dealt to the threads: its
-# 288-row matrices split 168 / 120 rows. Each thread now takes an equal share of every
-# matrix's rows.) Keeping the
-# decoding kernel's order costs little once the tile is fed well: loading each slice of x once
-# for both rows, keeping it in L1 and fetching the next panel early took fp32 prefill from
-# ~200 to ~240 tok/s on the 110M shape (one thread).
+# At T = 1 both formats are under the slanted roof — fp32 close to it, memory-bound; int8
+# further below, held back by its arithmetic as in decoding — and int8's points lie to the
+# right of fp32's because the same flops need 1.125 bytes a weight instead of 4. As T grows
+# each byte serves more flops and the points climb (compare the tok/s at T = 64 with T = 1 in
+# the table), but they level off well below the flat roof, at a fraction of what NumPy's BLAS
+# does on the same core.
+#
+# Why below the BLAS? Each of our outputs is a whole 8-lane register (one row's sum for one
+# token, in the decoding kernel's order, so that prefill and decoding give the same bits), so
+# the 16 AVX2 registers hold only 12 outputs, and the tile needs 8 loads for 12 FMAs. A BLAS is
+# free to reorder the sums: each lane of its registers holds a different output, so the same
+# registers hold 8 times as many, and it loads far less per FMA. In absolute flop/s int8 ends
+# above fp32 (each byte holds four times as many weights); per byte it stays below, because
+# every group of `gs` products (32 here) still ends in a conversion and two float multiplies
+# per (row, token) — which is where the integer dot-product instructions below come in.
+#
+# `bench/bench_engines.py` prints the same comparison for the 15M and 110M shapes, batched
+# against token by token, beside llama2.c, and against llama.cpp's batched prefill when
+# `llama-cpp-python` is installed. Measured with it outside this notebook (AMD EPYC Zen 3,
+# quiet, 5 interleaved pairs, the same threads for both, over two sessions), our prefill ÷
+# llama.cpp's, at 1 and 2 threads: fp32 0.97–1.10 on a 256-token prompt of the 110M shape and
+# 1.00–1.04 on 192 tokens of the 15M shape; int8 1.13–1.34 on both shapes.
 #
 # ## 6.7 Integer dot products: VNNI and sdot
 #
 # A Q8_0 group is an exact integer dot product of int8 pairs. AVX2 has no int8 × int8 multiply:
 # `vpmaddubsw` multiplies *unsigned* bytes by signed ones and adds pairs into int16, then
 # `vpmaddwd` against ones widens to int32. That needs a sign trick — a·b = |a| · (b with a's
-# sign) — so |a| goes into the unsigned operand. AVX-512 VNNI and AVX-VNNI fold the three steps
-# into one instruction, `vpdpbusd`: four u8 × s8 products summed straight into each int32 lane,
+# sign) — so |a| goes into the unsigned operand. Three instructions, then: multiply-add into
+# int16, widen to int32, add to the accumulator. AVX-512 VNNI and AVX-VNNI fold them into one,
+# `vpdpbusd`: four u8 × s8 products summed straight into each int32 lane,
 # with the same sign trick; ARM's `sdot` takes signed × signed directly. `csrc/simd.h` chooses
 # the path from the build target (`-march=native`) or from `-DBL_SIMD=portable|avx2|vnni|
 # vnni_emul|neon|sdot`. Every path gives exactly the same int32 group sums, so the tests build
@@ -723,7 +776,9 @@ def dpbusd(acc: np.ndarray, u: np.ndarray, s: np.ndarray) -> np.ndarray:
 
 
 g = np.random.default_rng(1)
-a8 = g.integers(-127, 128, 32).astype(np.int8)   # quantized values lie in [-127, 127]
+# quantized values lie in [-127, 127]: the sign trick negates values, and -128 has no
+# positive twin in int8
+a8 = g.integers(-127, 128, 32).astype(np.int8)
 b8 = g.integers(-127, 128, 32).astype(np.int8)
 u = np.abs(a8).astype(np.uint8)                          # |a|: fits an unsigned byte
 s = np.where(a8 < 0, -b8, np.where(a8 == 0, 0, b8)).astype(np.int8)   # b with a's sign
@@ -739,6 +794,11 @@ from babyllama.fast_c import simd_path  # noqa: E402
 print("this library's int8 path:", simd_path())
 
 # %% [markdown]
+# On a CPU without VNNI (AMD Zen 3, for one) this prints `avx2`: the library runs the
+# three-instruction sequence, and the VNNI path above is built and checked by the tests only
+# as `vnni_emul`, with `vpdpbusd` written out in C.
+
+# %% [markdown]
 # ## Exercises
 #
 # Solutions are in `tests/test_exercises.py`, where they are checked.
@@ -751,5 +811,8 @@ print("this library's int8 path:", simd_path())
 #    library. Give it `argtypes` and check it against `inference_numpy.quantize_rows` bit for
 #    bit, including an all-zero group and a value exactly halfway between two steps.
 # 3. **Threads do not change the answer.** Show that `CLlama` with 1 and with 2 threads gives
-#    bit-identical logits. Why is that so here, when a parallel sum usually changes the
-#    rounding? (Hint: who computes each output row, and in what order?)
+#    bit-identical logits, token by token and for a prefilled prompt. Use a model of at least
+#    2²² multiply-adds a token (e.g. dim 512, two layers, `hidden_dim` 1536): below that,
+#    `work_threads` runs a token on one thread whatever you ask, and the check proves nothing.
+#    Why is it so, when a parallel sum usually changes the rounding? (Hint: who computes each
+#    output row, and in what order?)
