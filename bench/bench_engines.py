@@ -76,6 +76,7 @@ def time_engine(engine, prompt_len: int, gen: int) -> tuple[float, float]:
     prefill = engine.prefill if hasattr(engine, "prefill") else engine.forward_tokens
     prefill(prompt, 0)      # untimed: the first pass pages the weights in from the file
     engine.reset()
+    time.sleep(0.3)         # the previous engine's BLAS/OpenMP threads spin a while after it
     t0 = time.perf_counter()
     prefill(prompt, 0)
     t_prompt = time.perf_counter() - t0
