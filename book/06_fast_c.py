@@ -191,8 +191,8 @@ for name, fn in rows:
 # forks and joins the threads (§6.5), and when the other core is busy the call waits for it.
 # One thing keeps it busy in this very process: after each call, NumPy's BLAS (OpenBLAS) lets
 # its worker threads spin, waiting for more work, for about a tenth of a second. A 2-thread
-# call of ours started in that window ran here at under a tenth of its speed, which is why
-# `gflops` pauses half a second before it times anything.
+# call of ours started in that window ran here at as little as a tenth of its speed, which is
+# why `gflops` pauses half a second before it times anything.
 #
 # ## 6.3 The whole forward pass, token for token
 #
@@ -507,7 +507,8 @@ for hidden in (172, 192):
 #
 # Starting a parallel region (a block OpenMP runs on all the threads) wakes the other thread
 # — the *fork* — and, at its end, waits for it — the *join*. That fork-join costs about a
-# microsecond on an idle machine, far more when the other core is busy, while a stories260K matrix (64 × 64 = 4,096 multiply-adds) is
+# microsecond on an idle machine, far more when the other core is busy, while a stories260K
+# matrix (64 × 64 = 4,096 multiply-adds) is
 # a fraction of a microsecond of SIMD work: split in two, each half saves less than the
 # meeting costs, and if the other core is busy with something else, the region waits for it.
 # Here is a naive matmul with an OpenMP loop, timed at 1 and 2 threads on a tiny and on a large
@@ -740,11 +741,14 @@ plt.show()
 # the table), but they level off well below the flat roof, at a fraction of what NumPy's BLAS
 # does on the same core.
 #
-# Why below the BLAS? Each of our outputs is a whole 8-lane register (one row's sum for one
-# token, in the decoding kernel's order, so that prefill and decoding give the same bits), so
-# the 16 AVX2 registers hold only 12 outputs, and the tile needs 8 loads for 12 FMAs. A BLAS is
-# free to reorder the sums: each lane of its registers holds a different output, so the same
-# registers hold 8 times as many, and it loads far less per FMA. In absolute flop/s int8 ends
+# Why below the BLAS? Our fp32 tile does the same shape of work as a BLAS's inner kernel — 12
+# accumulator registers, 8 loads for 12 FMAs — but each of our accumulators holds *one*
+# output's partial sums spread over 8 lanes (the decoding kernel's order, so that prefill and
+# decoding give the same bits): every output ends in a horizontal sum, and with rows of only
+# 288 values (stories15M) that end is a noticeable share of the work. A BLAS is free to reorder
+# the sums: each lane holds a different output (96 in the same 12 registers), no horizontal
+# sums at all, and it first copies ("packs") the blocks it works on so that its loads run in
+# order from L1, where ours read the weights from L2. In absolute flop/s int8 ends
 # above fp32 (each byte holds four times as many weights); per byte it stays below, because
 # every group of `gs` products (32 here) still ends in a conversion and two float multiplies
 # per (row, token) — which is where the integer dot-product instructions below come in.
