@@ -26,6 +26,12 @@
 # | v1 | 256 bytes: magic `ak42`, version, 7 × int32, shared-classifier flag | fp32, norms first | — |
 # | v2 | as v1 + int32 group size | norms fp32, matrices int8 **Q8_0** | `runq.c` |
 #
+# The *classifier* is the last matrix, which turns the final hidden state into logits (§4.1).
+# **Q8_0**, named after the format of llama.cpp's ggml library (8-bit values, "_0": one scale
+# per group and no offset), stores weights as int8 in groups of `gs` values with one fp32 scale
+# each (§4.4). llama2.c writes v1, but none of its programs reads it; this book's NumPy and C
+# engines read all three. GGUF, llama.cpp's own format, and Hugging Face's come in §4.6.
+#
 # This chapter writes a v0 file itself, byte for byte what `babyllama.export.write_model`
 # writes, then looks at v2's int8 weights and at what a model costs in memory. `read_model`
 # reads all three versions back as memory-mapped NumPy arrays (no torch), validating the header
@@ -61,10 +67,14 @@ paths = book.Paths.find()
 files = book.ensure_exports(paths)   # chapter 3's model, written as v0, v1 and v2
 model = Transformer.from_pretrained(paths.ckpt).eval()
 args = model.params
+print(args)
 for v, f in files.items():
     print(f"v{v}: {f.name:12} {f.stat().st_size:>10,} bytes")
 
 # %% [markdown]
+# (v0 is larger than v1 although its header is smaller: it also carries two RoPE tables,
+# `seq_len × head_dim/2` floats each, that v1 and v2 leave out — see §4.1.)
+#
 # ## 4.1 Writing a v0 file ourselves
 #
 # The v0 header is seven little-endian int32: `dim, hidden_dim, n_layers, n_heads, n_kv_heads,
@@ -125,8 +135,9 @@ for name, m in (("shared", model), ("unshared", untied)):
 
 # %% [markdown]
 # The extra bytes of the unshared file are exactly one `vocab_size × dim` fp32 matrix:
-# 512 × 128 × 4 = 262,144. Here is the start of both headers: `00 02 00 00` is 512, and
-# `00 fe ff ff` is -512 in two's complement.
+# 512 × 128 × 4 = 262,144. Here is the start of both headers: at offset 0x14, the sixth int32,
+# `00 02 00 00` is 512 (little-endian: lowest byte first), and `00 fe ff ff` is -512 in two's
+# complement.
 
 # %%
 def hexdump(data: bytes, width: int = 16) -> None:
@@ -147,8 +158,9 @@ assert extra == args.vocab_size * args.dim * 4
 # ## 4.2 The v1/v2 header, byte by byte
 #
 # v1 and v2 start with a magic number, so a reader can tell a model file from anything else,
-# and a version; the classifier flag is a byte of its own, and the header is padded to 256
-# bytes so that the arrays start aligned.
+# and a version. Bytes 0–3 hold the magic, 4–7 the version, 8–35 the seven int32, byte 36 the
+# classifier flag (1 = shared), and in v2 bytes 37–40 the group size (§4.4) — unaligned, right
+# after the flag. Zeros pad the header to 256 bytes, so the arrays start at a round offset.
 
 # %%
 raw = files[2].read_bytes()
@@ -164,20 +176,23 @@ print("shared classifier:", raw[36], " group size:", struct.unpack_from("<i", ra
 # ## 4.3 Where the bytes go
 #
 # Every offset follows from the header. Here is the v1 layout of our model (norms first, then
-# the embedding and the matrices); the test suite builds reference files from the published
-# description alone and compares them with ours byte for byte. (In the bar below the norms,
+# the embedding and the matrices); `tests/test_export.py` builds reference files from
+# llama2.c's documented layout alone and compares them with ours byte for byte. (In the bar below the norms,
 # 4.6 KB in all, are too thin to see at the left edge: nearly every byte is a matrix.)
 
 # %%
-_, ver, shared, gs, header = read_header(files[1])
+_, ver, shared, gs, header = read_header(files[1])   # args, version, shared, group size, header
 offset, rows = header, []
 for name in _tensor_order(1, args.n_layers, shared):
     n = _nbytes(name, args, 1, 0)
     rows.append((name, offset, n))
     offset += n
 print(f"{'tensor':24} {'offset':>10} {'bytes':>10}")
-for name, off, n in rows[:2] + rows[8:11] + rows[-2:]:
-    print(f"{name:24} {off:>10,} {n:>10,}")
+for i, part in enumerate((rows[:2], rows[8:11], rows[-2:])):
+    if i:
+        print("...")
+    for name, off, n in part:
+        print(f"{name:24} {off:>10,} {n:>10,}")
 print(f"end of the last array: {offset:,}; file size: {files[1].stat().st_size:,}")
 assert offset == files[1].stat().st_size
 
@@ -197,16 +212,24 @@ ax.set_title("v1 file: where the bytes go")
 plt.show()
 
 # %% [markdown]
-# The fp32 round trip is exact: every array read back equals the PyTorch parameter bit for bit,
-# and it is a view of the memory-mapped file, not a copy.
+# The fp32 round trip is exact: every array of the v0 file, read back, equals the PyTorch
+# parameter bit for bit, and it is a view of the memory-mapped file, not a copy.
 
 # %%
 _, w = read_model(files[0])
 sd = model.state_dict()
-worst = max(float(np.abs(w[k] - sd[t].numpy()).max()) for k, t in (
-    ("tok_embeddings", "tok_embeddings.weight"),
-    ("layers.3.w2", "layers.3.feed_forward.w2.weight"), ("norm", "norm.weight")))
-print(f"max |file - model| = {worst} (must be exactly 0)")
+torch_name = {"wq": "attention.wq", "wk": "attention.wk", "wv": "attention.wv",
+              "wo": "attention.wo", "w1": "feed_forward.w1", "w2": "feed_forward.w2",
+              "w3": "feed_forward.w3"}   # the file's short names -> the model's
+
+
+def param_name(k: str) -> str:
+    *layer, kind = k.split(".")
+    return ".".join([*layer, torch_name.get(kind, kind), "weight"])
+
+
+worst = max(float(np.abs(w[k] - sd[param_name(k)].numpy()).max()) for k in w)
+print(f"{len(w)} arrays; max |file - model| = {worst} (must be exactly 0)")
 assert worst == 0.0
 print(type(w["layers.3.w2"].base).__name__, w["layers.3.w2"].shape, w["layers.3.w2"].dtype)
 
@@ -264,17 +287,24 @@ assert abs(v1_size / v2_size - 4 / (1 + 4 / gs)) < 0.05
 # (the numbers depend on the trained weights)
 _, w2 = read_model(files[2])
 deq = dequantized(w2)
+# every matrix once: with a shared classifier, "output" is the embedding table again
+matrices = [k for k in w if w[k].ndim == 2 and not (k == "output" and w.shared_classifier)]
 group_err = np.concatenate([
-    np.abs(deq[k] - w[k]).reshape(-1, w2.group_size).max(1) for k in w if w[k].ndim == 2])
+    np.abs(deq[k] - w[k]).reshape(-1, w2.group_size).max(1) for k in matrices])
 fig, ax = plt.subplots(figsize=(6, 2.8))
 ax.hist(group_err, bins=60)
 ax.set_xlabel("max |error| within a group")
 ax.set_ylabel("number of groups")
 ax.set_title(f"Q8_0 with group size {w2.group_size}: every matrix of the model")
 plt.show()
-print(f"{len(group_err):,} groups, worst {group_err.max():.1e}")
+typical = float(np.median(np.concatenate([np.abs(w[k]).ravel() for k in matrices])))
+print(f"{len(group_err):,} groups, median {np.median(group_err):.1e}, worst "
+      f"{group_err.max():.1e}; a typical weight (median |w|) is {typical:.1e}")
 
 # %% [markdown]
+# Most groups err by a small fraction of a typical weight; the long tail to the right are
+# groups that hold one large weight, which sets a coarse step for the other 31.
+#
 # ### Group size: error against bytes
 #
 # A longer group amortises its scale over more weights, but one large weight then sets a coarse
@@ -285,8 +315,8 @@ print(f"{len(group_err):,} groups, worst {group_err.max():.1e}")
 # %%
 # NBVAL_IGNORE_OUTPUT
 # (the errors depend on the trained weights)
-mats = [w[k] for k in w if w[k].ndim == 2]
-sizes = [4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096]
+mats = [w[k] for k in matrices]
+sizes = [4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
 rel_err = []
 for g in sizes:
     num = 0   # squared error summed over every matrix
@@ -310,8 +340,15 @@ print("rel. error %: " + " ".join(f"{100 * e:6.2f}" for e in rel_err))
 assert all(a <= b * 1.01 for a, b in zip(rel_err, rel_err[1:]))   # longer groups, larger error
 
 # %% [markdown]
-# What does int8 do to the model's predictions? We run the same 128 tokens through the fp32 and
-# the int8 file with chapter 5's NumPy engine and compare the logits and the greedy choices.
+# From the shortest groups to the longest the error grows only a few-fold, while the bytes per
+# weight fall from 2 towards 1; past 32–64 values the bytes hardly fall any further, and the
+# error keeps growing — which is why llama2.c stops at 64.
+
+# %% [markdown]
+# What does int8 do to the model's predictions? We run the same 128 random token ids through
+# the fp32 and the int8 file with the NumPy engine that chapter 5 builds (here only its
+# `forward_tokens`: all the logits of a sequence at once) and compare the logits and the
+# greedy choices.
 
 # %%
 # NBVAL_IGNORE_OUTPUT
@@ -321,7 +358,7 @@ tokens = np.random.default_rng(0).integers(3, args.vocab_size, 128).tolist()
 a, b = f32.forward_tokens(tokens, 0), i8.forward_tokens(tokens, 0)
 agree = (a.argmax(-1) == b.argmax(-1)).mean()
 print(f"max |Δlogit| = {np.abs(a - b).max():.2f} (logits span {a.min():.0f}..{a.max():.0f}); "
-      f"greedy choices agree at {agree:.0%} of positions (bound: > 90%)")
+      f"greedy choices agree at {agree:.0%} of positions (the tests require > 90%)")
 assert agree > 0.9
 
 # %% [markdown]
@@ -331,13 +368,16 @@ assert agree > 0.9
 # and its **KV cache**, the keys and values of every position so far — `2 × n_layers ×
 # n_kv_heads × head_dim` numbers per position, for up to `seq_len` positions. Grouped-query
 # attention (GQA) lets several query heads share one KV head, which divides the cache (and
-# `wk`, `wv`) by `n_heads / n_kv_heads`. Below, the weights are counted from the shapes, in
-# fp32 and in Q8_0; the cache for one sequence at full context, in fp32 and in int8 (1 byte and
-# a fp32 scale per 32 values, as the weights; our engines keep their cache in fp32), without
-# GQA (`n_kv_heads = n_heads`, plain multi-head attention: "MHA" in the table) and with it:
-# stories260K's own 4 KV heads for 8 query heads, and for the others (which do not use GQA)
-# the fewest KV heads that serve at most 4 query heads each. Llama 2 7B does not use GQA;
-# its 34B and 70B siblings do, with 8 KV heads.
+# `wk`, `wv`) by `n_heads / n_kv_heads`.
+#
+# Below, the weights are counted from their shapes, in fp32 and in Q8_0. The cache is counted
+# for one sequence at full context, in fp32 and in int8: 1 byte per value plus one fp32 scale
+# per 32 values, 1.125 bytes (the weights use each model's own group size, from 4 to 64; our
+# engines keep their cache in fp32). "MHA" (plain multi-head attention) means one KV head per
+# query head; "GQA" means the model's own KV heads (stories260K: 4 for 8 query heads) or, for
+# the models without GQA, the fewest KV heads that serve at most 4 query heads each. Llama 2 7B
+# does not use GQA; its 70B sibling does, with 8 KV heads (Touvron et al. 2023, the Llama 2
+# paper).
 
 # %%
 def weight_bytes(a: ModelArgs, shared: bool, int8: bool) -> int:
@@ -396,17 +436,17 @@ fig.tight_layout()
 plt.show()
 
 # %% [markdown]
-# Two things to read off the table. The weights dominate the small models, but the cache grows
-# with the context and the number of layers, not with the vocabulary: Llama 2 7B's fp32 cache at
-# 4,096 tokens is 4.3 GB, a sixth of its fp32 weights, per sequence — serve eight users at once
-# and the caches outweigh the model. GQA with 4 query heads per KV head cuts that by 4, int8 by
-# another 3.6. And int8 weights bring the 7B model from 27 GB to 7.2 GB: the difference between
-# a server and a laptop. (stories260K's int8 weights are only half its fp32 ones: its
+# Two things to read off the table. From stories15M up the weights dominate (in the tiny
+# stories260K, with its 512-token context, the cache is already as large as the weights), but
+# the cache grows with the context and the number of layers, not with the vocabulary: Llama 2
+# 7B's fp32 cache at 4,096 tokens is 4.3 GB, a sixth of its fp32 weights, per sequence — serve
+# seven users at once and the caches outweigh the model. GQA with 4 query heads per KV head cuts
+# that by 4, int8 by another 3.6. And int8 weights bring the 7B model from 27 GB (fp32), or
+# 13.5 GB in the fp16 it usually ships in, to 7.2 GB: the difference between a server and a
+# laptop. (stories260K's int8 weights are only half its fp32 ones: its
 # `hidden_dim` 172 = 4 × 43 forces groups of 4, so every 4 one-byte weights carry a 4-byte
 # scale, 2 bytes a weight. Chapter 6 shows what that costs in speed too.)
-#
-# Hugging Face users get `config.json` + `model.safetensors` from the same checkpoint:
-# `babyllama export out/book/ckpt.pt --hf out/hf` (chapter 2 showed the round trip).
+
 
 # %% [markdown]
 # ## 4.6 What each format can and cannot say
@@ -418,11 +458,17 @@ plt.show()
 # `rms_norm_eps = 1e-6`, or a Llama 3 with `rope_theta = 500000`, would load and run, and
 # quietly compute something else.
 #
+# Two other formats carry more. GGUF is llama.cpp's model file (below). A Hugging Face model is
+# a directory: `config.json` with the hyperparameters, and the weights in `.safetensors` files,
+# a format of named tensors (`babyllama export out/book/ckpt.pt --hf out/hf` writes one from
+# the same checkpoint; chapter 2 showed the round trip). An "untied" classifier is one not
+# shared with the embedding.
+#
 # | | llama2.c v0 | v1 | v2 | GGUF (llama.cpp) | Hugging Face dir |
 # |---|---|---|---|---|---|
 # | RMSNorm eps | assumed 1e-5 | assumed 1e-5 | assumed 1e-5 | `llama.attention.layer_norm_rms_epsilon` | `rms_norm_eps` |
 # | RoPE theta | assumed 10000 | assumed 10000 | assumed 10000 | `llama.rope.freq_base` | `rope_theta` / `rope_parameters` |
-# | GQA (n_kv_heads) | yes | yes | yes | `head_count_kv` | `num_key_value_heads` |
+# | GQA (n_kv_heads) | yes | yes | yes | `llama.attention.head_count_kv` | `num_key_value_heads` |
 # | untied classifier | sign of vocab_size | flag byte | flag byte | `output.weight` present or not | `tie_word_embeddings` |
 # | dtype | fp32 | fp32 | int8 Q8_0, groups of ≤64 | f32, f16, q8_0 (blocks of 32, fp16 scale), ... | any torch dtype |
 # | vocabulary | separate tokenizer.bin | separate | separate | inside: pieces, scores, types | tokenizer.json beside it |
@@ -430,7 +476,9 @@ plt.show()
 #
 # So `write_model` refuses what it cannot carry, naming the field and both values. With
 # `approximate=True` it writes anyway and prints how far the file's model is from the real one,
-# measured on a probe sequence, so the choice is made knowingly.
+# so the choice is made knowingly: `approximation_error`, called below directly, runs 64 random
+# tokens (seed 0) through the model as it is and as the file would describe it, and returns the
+# largest logit difference.
 
 # %%
 import dataclasses
@@ -451,9 +499,10 @@ print(f"rope_theta 500000 read back as 10000: max |delta logit| {approximation_e
 
 # %% [markdown]
 # How much each costs depends on the model and on the length of the text: a RoPE base changes
-# every rotation angle, more the further a token is from another. Neither is a rounding error:
-# the file would describe a different model. GGUF has a field for each, so the same model goes
-# there exactly.
+# every rotation angle, more the further a token is from another. The epsilon's error is here
+# smaller than int8's (§4.4), but it is silent and depends on the model; the RoPE one changes
+# the model's predictions. Either way the file describes a different model. GGUF has a field
+# for each, so the same model goes there exactly.
 #
 # ### GGUF next to llama2.c
 #
@@ -475,12 +524,14 @@ tokens = reader.fields["tokenizer.ggml.tokens"].contents()
 print(f"{'tokenizer.ggml.tokens':42} {len(tokens)} pieces: {tokens[:4]} ... {tokens[300:304]}")
 
 # %% [markdown]
+# (`general.file_type` 7 is llama.cpp's code for "mostly Q8_0"; `llama.rope.dimension_count`
+# is `head_dim`; the token scores and types are among the keys but not printed.)
+#
 # The same weights in both files. llama2.c's v1 stores each kind of matrix for all layers
 # together, in a fixed order; GGUF stores each tensor under its name, layer by layer, and keeps
-# the norms in f32 while the matrices become Q8_0 blocks (32 int8 values and one fp16 scale:
-# 34 bytes for 32 weights, 1.06 bytes a weight, against v2's `gs` int8 values and one fp32
-# scale per group: 1 + 4/32 = 1.125 bytes a weight for this model — hence GGUF's smaller file
-# below, although it also holds the tokenizer).
+# the norms in f32. Its Q8_0 blocks hold 32 int8 values and an fp16 scale: 34 bytes per 32
+# weights, 1.06 bytes a weight. v2 uses an fp32 scale: 1.125 bytes a weight here. So the GGUF
+# file is smaller, although it also carries the tokenizer.
 
 # %%
 from babyllama.export import _tensor_order, gguf_name
@@ -499,7 +550,7 @@ print(f"GGUF file {gguf_path.stat().st_size:,} bytes; llama2.c v2 "
 
 # %% [markdown]
 # Two details a converter must get right. GGUF lists a matrix's dimensions fastest-first, so
-# `wq` of shape (out, in) = (dim, dim) appears as `[in, out]`. And llama.cpp's Llama rotates
+# `wk`, of shape (out, in) = (kv_dim, dim) = (64, 128), appears as `[128, 64]`. And llama.cpp's Llama rotates
 # *adjacent* pairs for RoPE, as Meta's code, llama2.c and chapter 2 do, so `wq` and `wk` go in
 # unchanged; it is Hugging Face's checkpoints that store them permuted (rotate-half), and
 # `Transformer.from_pretrained` undoes that permutation on the way in, as llama.cpp's own
