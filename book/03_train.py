@@ -232,6 +232,8 @@ assert after <= cfg.grad_clip + 1e-5
 
 # %%
 # NBVAL_IGNORE_OUTPUT
+# (`pytest --nbval`, the book's test, re-runs every cell and compares its output with the saved
+# one, except in cells marked like this one: timings vary from run to run)
 t0 = time.perf_counter()
 train(book.book_config(paths, max_iters=20, progress=False))
 early = paths.out / "book_early" / "ckpt.pt"

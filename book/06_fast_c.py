@@ -142,14 +142,11 @@ print(c_function(kernels, "dot4_f32"))
 # The sum is added in a different order than NumPy's, so the results agree to rounding
 # (`rtol=1e-4`), not bit for bit. The int8 kernel of v2 files has the same shape; its inner
 # product over one group of `gs` int8 pairs is exact integer arithmetic. It lives in
-# `csrc/simd.h` with one branch per instruction set the build can select (`-DBL_SIMD=...`:
-# portable, AVX2, VNNI and an emulation of VNNI, NEON/sdot), each for groups that are multiples
-# of 32 or 16 (we will need this in §6.5; §6.7 explains the VNNI branch):
-
-# %%
-print(c_function(paths.root / "csrc" / "simd.h", "idot"))
-
-# %% [markdown]
+# `csrc/simd.h` (`idot`) with one branch per instruction set the build can select
+# (`-DBL_SIMD=...`: portable, AVX2, VNNI and an emulation of VNNI, NEON/sdot). Its SIMD branches
+# need groups whose size is a multiple of 16 or 32, which matters in §6.5; §6.7 shows its
+# source, once the instructions it uses are explained.
+#
 # `babyllama.fast_c` compiles `csrc/` the first time it is needed (flags: `-O3
 # -march=native`, OpenMP when the compiler has it) and caches the library by a hash of
 # sources, compiler and flags. Its matmul against NumPy:
@@ -462,7 +459,7 @@ for s in ("stories15M", "stories110M"):
 #
 # stories260K's `hidden_dim` is 172 = 4 × 43. Q8_0 groups must divide both `dim` (64) and
 # `hidden_dim`, so the group size falls to **4**. A group of 4 is too short for `idot`'s SIMD
-# branches above (multiples of 32 or 16), and a first version ran every such group through
+# branches (multiples of 32 or 16, §6.2), and a first version ran every such group through
 # the scalar loop: int8 was 5 to 9 times slower than fp32. Now `qdot` computes the exact sums
 # of 8 narrow groups in the lanes of one vector per step, and the activations are quantized
 # two 4-wide groups at a time, each sum and scale still in the scalar loop's order (the same
@@ -792,6 +789,14 @@ lanes = dpbusd(np.zeros(8, dtype=np.int32), u, s)
 exact = int(a8.astype(np.int32) @ b8.astype(np.int32))
 print(f"sum of the 8 lanes {int(lanes.sum())}, exact a·b {exact} (must be equal)")
 assert int(lanes.sum()) == exact
+
+# %% [markdown]
+# Here is `idot` from `csrc/simd.h`, all its branches: the AVX2 one with the sign trick
+# (`_mm256_sign_epi8`, then `maddubs` and `madd`), the VNNI one with `vpdpbusd`, its C
+# emulation, and ARM's NEON and `sdot`:
+
+# %%
+print(c_function(paths.root / "csrc" / "simd.h", "idot"))
 
 # %%
 # NBVAL_IGNORE_OUTPUT
