@@ -463,5 +463,6 @@ def test_ex6_3_threads_do_not_change_the_logits(tmp_path):
     for pos, t in enumerate([1, 7, 42, 9]):
         assert np.array_equal(one.forward(t, pos), two.forward(t, pos))   # bit for bit
     prompt = [1, *range(3, 60, 4)]                                          # prefill too
-    one.reset(), two.reset()
+    one.reset()
+    two.reset()
     assert np.array_equal(one.forward_tokens(prompt, 0), two.forward_tokens(prompt, 0))
